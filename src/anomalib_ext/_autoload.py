@@ -1,0 +1,82 @@
+"""Interpreter-start hook that makes the stock ``anomalib`` CLI resolve plugin classes by short name.
+
+Anomalib has no plugin entry points: jsonargparse resolves ``--model UFlowNFA`` only among classes that are already
+imported. The wheel ships ``anomalib_ext_autoload.pth``, which imports this module at interpreter start. It installs a
+one-shot :data:`sys.meta_path` finder that waits for ``anomalib.models`` to finish importing and then imports
+:mod:`anomalib_ext.models` and :mod:`anomalib_ext.data`. Nothing heavy happens unless Anomalib itself is imported.
+
+Set ``ANOMALIB_EXT_DISABLE_AUTOLOAD=1`` to switch the hook off. A failing plugin import only emits a warning, so a
+broken plugin never breaks stock Anomalib.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import warnings
+from importlib.abc import Loader, MetaPathFinder
+from importlib.machinery import ModuleSpec
+from types import ModuleType
+
+DISABLE_ENV_VAR = "ANOMALIB_EXT_DISABLE_AUTOLOAD"
+TRIGGER_MODULE = "anomalib.models"
+PLUGIN_MODULES = ("anomalib_ext.models", "anomalib_ext.data")
+
+
+def load_plugin() -> None:
+    """Import the plugin's models and datamodules; warn instead of raising on failure."""
+    for name in PLUGIN_MODULES:
+        try:
+            importlib.import_module(name)
+        except Exception as error:  # noqa: BLE001 - a plugin defect must never break stock Anomalib
+            warnings.warn(
+                f"anomalib-ext: importing {name} failed ({type(error).__name__}: {error}); plugin models are not "
+                f"registered with the anomalib CLI. Set {DISABLE_ENV_VAR}=1 to silence this.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
+
+
+class _PluginAfterExecLoader(Loader):
+    """Delegates to the real loader, then loads the plugin once the trigger module is complete."""
+
+    def __init__(self, wrapped: Loader) -> None:
+        self.wrapped = wrapped
+
+    def create_module(self, spec: ModuleSpec) -> ModuleType | None:
+        return self.wrapped.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self.wrapped.exec_module(module)
+        load_plugin()
+
+
+class _TriggerFinder(MetaPathFinder):
+    """One-shot finder: intercepts the first import of ``anomalib.models`` and removes itself."""
+
+    def find_spec(self, fullname: str, path: object = None, target: ModuleType | None = None) -> ModuleSpec | None:
+        if fullname != TRIGGER_MODULE:
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        spec.loader = _PluginAfterExecLoader(spec.loader)
+        return spec
+
+
+def install() -> None:
+    """Install the trigger finder unless disabled or unnecessary."""
+    if os.environ.get(DISABLE_ENV_VAR, "").strip().lower() in {"1", "true", "yes", "on"}:
+        return
+    if TRIGGER_MODULE in sys.modules:  # Anomalib already imported (e.g. hook imported late): load right away.
+        load_plugin()
+        return
+    if not any(isinstance(finder, _TriggerFinder) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _TriggerFinder())
+
+
+install()
