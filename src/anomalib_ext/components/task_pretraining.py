@@ -1,0 +1,223 @@
+"""Task-specific pre-training of a feature extractor on synthetic anomalies (Marc et al., EUSIPCO 2024).
+
+The extractor's stages become the encoder of a three-stage U-Net (paper Fig. 2): the decoder upsamples with transposed
+convolutions, concatenating the encoder's skip features, and a 1-channel head predicts the synthetic-anomaly mask; the
+network is trained with binary cross-entropy. Two tasks make the masks:
+
+* ``cutpaste``: a jittered rectangle of the same normal image pasted elsewhere (CutPaste, Li et al. 2021);
+* ``poisson``: defect regions of another image source (a folder of images with masks, e.g. another dataset's test
+  defects) seamlessly cloned into the normal image (Poisson image editing, NORMAL_CLONE as in the paper).
+
+The fine-tuned encoder is saved as a complete timm-keyed safetensors file, so any model that accepts
+``backbone_weights`` (MSFlow by default) loads it like ImageNet weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+from safetensors.torch import save_file
+from torch import nn
+
+from anomalib_ext.components.backbones import build_timm_model
+from anomalib_ext.components.synthetic import MaskedImageSource, cut_paste, poisson_clone
+
+PretrainTask = Literal["cutpaste", "poisson"]
+PRETRAIN_TASKS = ("cutpaste", "poisson")
+
+
+def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
+    """conv3x3 -> BatchNorm -> ReLU, the U-Net decoder's fusion block after each skip concatenation."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class SegmentationUNet(nn.Module):
+    """Three-stage U-Net around an existing feature encoder, predicting a 1-channel anomaly logit map.
+
+    Args:
+        encoder: module returning a list of feature maps, finest first (a timm ``features_only`` network, e.g. MSFlow's
+            extractor); it is shared, not copied, so training this U-Net fine-tunes that encoder in place.
+        channels: channels of the encoder's feature maps, finest first.
+        reductions: strides of the feature maps, finest first (e.g. 4, 8, 16).
+        decoder_channels: widths of the decoder stages, finest first. ``None``: the skip's channel count at every stage
+            (the paper does not give the widths).
+        head_channels: width before the 1x1 logit head, at full resolution.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        channels: Sequence[int],
+        reductions: Sequence[int],
+        decoder_channels: Sequence[int] | None = None,
+        head_channels: int = 32,
+    ) -> None:
+        super().__init__()
+        if len(channels) != len(reductions) or len(channels) < 2:
+            msg = f"The U-Net needs >= 2 encoder stages with channels and strides, got {list(channels)} / {list(reductions)}."
+            raise ValueError(msg)
+        decoder_channels = list(decoder_channels) if decoder_channels is not None else list(channels)
+        self.encoder = encoder
+        self.upsample = nn.ModuleList()
+        self.fuse = nn.ModuleList()
+        coarse_channels = channels[-1]
+        for stage in reversed(range(len(channels) - 1)):
+            ratio = reductions[stage + 1] // reductions[stage]
+            self.upsample.append(nn.ConvTranspose2d(coarse_channels, decoder_channels[stage], ratio, stride=ratio))
+            self.fuse.append(conv_bn_relu(decoder_channels[stage] + channels[stage], decoder_channels[stage]))
+            coarse_channels = decoder_channels[stage]
+        self.head = nn.Sequential(
+            nn.ConvTranspose2d(coarse_channels, head_channels, reductions[0], stride=reductions[0]),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(head_channels, 1, 1),
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Anomaly logits ``[N, 1, H, W]`` at the input resolution."""
+        features = list(self.encoder(images))
+        decoded = features[-1]
+        for upsample, fuse, skip in zip(self.upsample, self.fuse, reversed(features[:-1]), strict=True):
+            decoded = upsample(decoded)
+            if decoded.shape[-2:] != skip.shape[-2:]:
+                decoded = F.interpolate(decoded, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            decoded = fuse(torch.cat([decoded, skip], dim=1))
+        logits = self.head(decoded)
+        if logits.shape[-2:] != images.shape[-2:]:
+            logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return logits
+
+
+def freeze_batch_norm_statistics(module: nn.Module) -> None:
+    """Put the BatchNorm layers of ``module`` in eval mode: fine-tuning keeps the ImageNet running statistics.
+
+    Small synthetic batches would otherwise overwrite the statistics that the flow model later relies on.
+    """
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):  # noqa: SLF001
+            layer.eval()
+
+
+def segmentation_loss(network: SegmentationUNet, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy between the U-Net's logits and the synthetic-anomaly masks (paper, section II-B)."""
+    freeze_batch_norm_statistics(network.encoder)
+    return F.binary_cross_entropy_with_logits(network(images), masks.to(images.dtype))
+
+
+class SyntheticAnomalyGenerator:
+    """Make every image of a batch anomalous with CutPaste or Poisson cloning; return images and masks.
+
+    Works on float tensors in ``[0, 1]`` (``[N, 3, H, W]``); masks are ``[N, 1, H, W]`` floats in ``{0, 1}``.
+
+    Args:
+        task: ``cutpaste`` or ``poisson``.
+        source: folder of images with masks (see :class:`MaskedImageSource`), required for ``poisson``. All pairs are
+            read and checked at construction, so a bad folder fails before training starts.
+        cutpaste_variant: CutPaste's ``normal`` rectangle or thin ``scar``.
+        poisson_mode: ``normal`` (NORMAL_CLONE, paper) or ``mixed`` (MIXED_CLONE).
+        seed: seed of the generator's :class:`numpy.random.Generator`.
+    """
+
+    def __init__(
+        self,
+        task: PretrainTask,
+        source: str | Path | None = None,
+        cutpaste_variant: Literal["normal", "scar"] = "normal",
+        poisson_mode: Literal["normal", "mixed"] = "normal",
+        seed: int = 0,
+    ) -> None:
+        if task not in PRETRAIN_TASKS:
+            msg = f"Unknown pre-training task '{task}'; expected one of {PRETRAIN_TASKS}."
+            raise ValueError(msg)
+        self.task = task
+        self.cutpaste_variant = cutpaste_variant
+        self.poisson_mode = poisson_mode
+        self.rng = np.random.default_rng(seed)
+        self.defects: list[tuple[np.ndarray, np.ndarray]] = []
+        if task == "poisson":
+            if source is None:
+                msg = "The 'poisson' pre-training task needs a source folder of defect images with masks (poisson_source)."
+                raise ValueError(msg)
+            masked_source = MaskedImageSource(source)
+            self.defects = [masked_source[index] for index in range(len(masked_source))]
+
+    def synthesise(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One anomalous version of a ``uint8`` RGB image and the mask of its changed region."""
+        if self.task == "cutpaste":
+            return cut_paste(image, self.rng, variant=self.cutpaste_variant)
+        source_image, source_mask = self.defects[int(self.rng.integers(len(self.defects)))]
+        height, width = image.shape[:2]
+        # Bring the source to the destination's resolution, so defects keep their relative size (both datasets are
+        # resized to the network input in the paper).
+        if source_mask.shape != (height, width):
+            source_image = cv2.resize(source_image, (width, height), interpolation=cv2.INTER_AREA)
+            source_mask = cv2.resize(source_mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
+        if not source_mask.any():
+            return cut_paste(image, self.rng, variant=self.cutpaste_variant)  # defect too thin to survive the resize
+        return poisson_clone(image, source_image, source_mask, self.rng, mode=self.poisson_mode)
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Anomalous copies of ``images`` (``[0, 1]`` floats) and their masks, on the input's device."""
+        arrays = (images.detach().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        outputs, masks = zip(*(self.synthesise(np.ascontiguousarray(array)) for array in arrays), strict=True)
+        anomalous = torch.from_numpy(np.stack(outputs)).permute(0, 3, 1, 2).to(images.device, images.dtype) / 255
+        mask_tensor = torch.from_numpy(np.stack(masks)).unsqueeze(1).to(images.device, images.dtype)
+        return anomalous, mask_tensor
+
+
+def step_schedule_factor(
+    epoch: int,
+    total_epochs: int,
+    warmup_fraction: float = 0.12,
+    warmup_start_factor: float = 0.1,
+    milestones: Sequence[float] = (0.7, 0.9),
+    decay: float = 1 / 3,
+) -> float:
+    """MSFlow's learning-rate factor at ``epoch`` (0-based) of ``total_epochs``.
+
+    Linear warm-up from ``warmup_start_factor`` over the first ``warmup_fraction`` of training (1e-5 -> 1e-4 over 12 of 100
+    epochs in the paper), then ``x decay`` at each milestone fraction (x1/3 at 70 % and 90 %).
+    """
+    warmup_epochs = math.floor(warmup_fraction * total_epochs)
+    if epoch < warmup_epochs:
+        return warmup_start_factor + (1 - warmup_start_factor) * epoch / warmup_epochs
+    return decay ** sum(epoch >= math.floor(fraction * total_epochs) for fraction in milestones)
+
+
+def save_encoder_weights(
+    encoder: nn.Module,
+    path: str | Path,
+    backbone: str,
+    pre_trained: bool = True,
+    backbone_weights: str | Path | None = None,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Save a complete timm-keyed ``backbone`` state dict whose encoder tensors are the fine-tuned ones.
+
+    Tensors the encoder does not hold (later stages, classifier) come from the weights the encoder started from
+    (``pre_trained`` / ``backbone_weights``), so the file loads into the full timm model as well as into any feature
+    extractor of it. ``metadata`` is stored in the safetensors header.
+    """
+    state = build_timm_model(backbone, pre_trained=pre_trained, backbone_weights=backbone_weights).state_dict()
+    tuned = encoder.state_dict()
+    unknown = [key for key in tuned if key not in state]
+    if unknown:
+        msg = f"The encoder's tensors {unknown[:5]} are not keys of timm's '{backbone}': is it a '{backbone}' encoder?"
+        raise ValueError(msg)
+    for key, tensor in tuned.items():
+        state[key] = tensor.detach()
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {"backbone": backbone, **(metadata or {})}
+    save_file({key: tensor.contiguous().cpu() for key, tensor in state.items()}, str(path), metadata=header)
+    return path

@@ -1,0 +1,225 @@
+"""MSFlow torch model: frozen multi-scale extractor, parallel flows, fusion flow (Zhou et al., TNNLS 2024).
+
+The parallel flows are FrEIA ``SequenceINN`` stacks of Anomalib's :class:`AllInOneBlock`, one stack per scale, each block
+conditioned on cflow's fixed 2D sin/cos positional encoding. The fusion flow is a two-pass affine coupling that lets the
+three scales exchange information. Both are fully convolutional, so the flows do not depend on the input size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from anomalib.data import InferenceBatch
+from anomalib.models.components.flow import AllInOneBlock
+from anomalib.models.image.cflow.utils import positional_encoding_2d
+from FrEIA.framework import SequenceINN
+from torch import nn
+
+from anomalib_ext.components.backbones import available_feature_layers, create_feature_extractor
+
+from .anomaly_map import AnomalyMapGenerator
+
+# Paper settings (MSFlow, section III / public configuration).
+DEFAULT_FLOW_BLOCKS = (2, 5, 8)
+DEFAULT_CLAMP = 1.9
+DEFAULT_POSITIONAL_CHANNELS = 64
+SCALE_REDUCTIONS = (4, 8, 16)  # the extractor taps MSFlow uses: wide_resnet50_2 layer1/2/3
+
+
+def default_feature_layers(backbone: str) -> list[str]:
+    """The backbone's feature taps at strides 4, 8 and 16 (``layer1..3`` for ResNets, ``blocks.1/2/4`` for EfficientNet-Lite0)."""
+    import timm
+
+    model = timm.create_model(backbone, pretrained=False, features_only=True)
+    taps = {info["reduction"]: info["module"] for info in model.feature_info.info}  # the last tap per stride
+    missing = [reduction for reduction in SCALE_REDUCTIONS if reduction not in taps]
+    if missing:
+        msg = (
+            f"Backbone '{backbone}' has no feature tap at stride(s) {missing}; pass `layers` explicitly "
+            f"(available: {available_feature_layers(backbone)})."
+        )
+        raise ValueError(msg)
+    return [taps[reduction] for reduction in SCALE_REDUCTIONS]
+
+
+class ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channel axis of an ``[N, C, H, W]`` tensor."""
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return super().forward(inputs.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def conv_ln_subnet(in_channels: int, out_channels: int, hidden_channels: int | None = None) -> nn.Sequential:
+    """MSFlow's coupling subnet: conv3x3 -> LayerNorm(channels) -> ReLU -> conv3x3."""
+    hidden_channels = hidden_channels or in_channels
+    return nn.Sequential(
+        nn.Conv2d(in_channels, hidden_channels, 3, padding=1),
+        ChannelLayerNorm(hidden_channels),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(hidden_channels, out_channels, 3, padding=1),
+    )
+
+
+def parallel_flow(channels: int, n_blocks: int, condition_channels: int, clamp: float) -> SequenceINN:
+    """One scale's flow: ``n_blocks`` conditional AllInOne blocks (affine clamp ``clamp``, softplus global affine).
+
+    The blocks are built for a nominal 1x1 grid; their convolutional subnets apply to any spatial size.
+    """
+    flow = SequenceINN(channels, 1, 1)
+    for _ in range(n_blocks):
+        flow.append(
+            AllInOneBlock,
+            cond=0,
+            cond_shape=(condition_channels, 1, 1),
+            subnet_constructor=conv_ln_subnet,
+            affine_clamping=clamp,
+            global_affine_type="SOFTPLUS",
+        )
+    return flow
+
+
+class FusionFlow(nn.Module):
+    """Two-pass affine coupling across scales (MSFlow's fusion flow).
+
+    Every scale ``i`` is split into channel halves ``(a_i, b_i)``. Pass 1: the ``b`` halves of all scales are average-pooled
+    to the coarsest grid, concatenated and fed to one conv-LN subnet whose output is split back per scale, upsampled, and
+    gives ``log s_i, t_i`` for ``a_i' = a_i * exp(log s_i) + t_i``. Pass 2 does the same for ``b`` conditioned on the new
+    ``a'``. ``log s = 1.9 * 0.636 * atan(s / 1.9)`` (soft clamp); ``log|det J| = sum log s``.
+    """
+
+    def __init__(self, channels: Sequence[int], clamp: float = DEFAULT_CLAMP) -> None:
+        super().__init__()
+        self.first_halves = [c // 2 for c in channels]
+        self.second_halves = [c - c // 2 for c in channels]
+        self.clamp = clamp
+        self.first_pass = conv_ln_subnet(sum(self.second_halves), 2 * sum(self.first_halves))
+        self.second_pass = conv_ln_subnet(sum(self.first_halves), 2 * sum(self.second_halves))
+
+    def _soft_clamp(self, log_scale: torch.Tensor) -> torch.Tensor:
+        return self.clamp * (2 / math.pi) * torch.atan(log_scale / self.clamp)
+
+    def _affine_parameters(
+        self,
+        subnet: nn.Module,
+        conditions: list[torch.Tensor],
+        target_channels: list[int],
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        coarse_size = min((c.shape[-2:] for c in conditions), key=lambda size: size[0] * size[1])
+        pooled = torch.cat([F.adaptive_avg_pool2d(c, coarse_size) for c in conditions], dim=1)
+        outputs = subnet(pooled).split([2 * c for c in target_channels], dim=1)
+        parameters = []
+        for output, condition in zip(outputs, conditions, strict=True):
+            output = F.interpolate(output, size=condition.shape[-2:], mode="bilinear", align_corners=False)
+            log_scale, shift = output.chunk(2, dim=1)
+            parameters.append((self._soft_clamp(log_scale), shift))
+        return parameters
+
+    def forward(self, features: list[torch.Tensor], rev: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Map per-scale tensors forwards (``rev=False``) or backwards; return the outputs and per-sample log-det."""
+        halves = [x.split([a, b], dim=1) for x, a, b in zip(features, self.first_halves, self.second_halves, strict=True)]
+        first = [a for a, _ in halves]
+        second = [b for _, b in halves]
+        log_det = features[0].new_zeros(features[0].shape[0])
+        if not rev:
+            parameters = self._affine_parameters(self.first_pass, second, self.first_halves)
+            first = [a * torch.exp(s) + t for a, (s, t) in zip(first, parameters, strict=True)]
+            log_det = log_det + sum(s.flatten(1).sum(1) for s, _ in parameters)
+            parameters = self._affine_parameters(self.second_pass, first, self.second_halves)
+            second = [b * torch.exp(s) + t for b, (s, t) in zip(second, parameters, strict=True)]
+            log_det = log_det + sum(s.flatten(1).sum(1) for s, _ in parameters)
+        else:
+            parameters = self._affine_parameters(self.second_pass, first, self.second_halves)
+            second = [(b - t) * torch.exp(-s) for b, (s, t) in zip(second, parameters, strict=True)]
+            log_det = log_det - sum(s.flatten(1).sum(1) for s, _ in parameters)
+            parameters = self._affine_parameters(self.first_pass, second, self.first_halves)
+            first = [(a - t) * torch.exp(-s) for a, (s, t) in zip(first, parameters, strict=True)]
+            log_det = log_det - sum(s.flatten(1).sum(1) for s, _ in parameters)
+        return [torch.cat([a, b], dim=1) for a, b in zip(first, second, strict=True)], log_det
+
+
+class MSFlowModel(nn.Module):
+    """MSFlow: features at three scales -> parallel flows -> fusion flow -> Gaussian latents.
+
+    Args:
+        backbone: timm CNN name (paper: ``wide_resnet50_2``).
+        layers: three feature taps, finest first; ``None`` picks the taps at strides 4/8/16.
+        pre_trained: ImageNet weights (see :mod:`anomalib_ext.components.backbones`).
+        backbone_weights: local timm-keyed weights file, e.g. a task-pre-trained encoder.
+        flow_blocks: AllInOne blocks per scale, finest first (paper: 2, 5, 8).
+        clamp: affine clamp of the parallel and fusion couplings (paper: 1.9).
+        positional_channels: channels of the 2D sin/cos condition (paper: 64).
+        top_k: fraction of the detection map averaged into the image score (paper: 3 %).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2",
+        layers: Sequence[str] | None = None,
+        pre_trained: bool = True,
+        backbone_weights: str | Path | None = None,
+        flow_blocks: Sequence[int] = DEFAULT_FLOW_BLOCKS,
+        clamp: float = DEFAULT_CLAMP,
+        positional_channels: int = DEFAULT_POSITIONAL_CHANNELS,
+        top_k: float = 0.03,
+    ) -> None:
+        super().__init__()
+        self.layers = list(layers) if layers is not None else default_feature_layers(backbone)
+        if len(self.layers) != len(flow_blocks):
+            msg = f"MSFlow needs one flow per feature layer: got layers {self.layers} and flow_blocks {list(flow_blocks)}."
+            raise ValueError(msg)
+        self.feature_extractor = create_feature_extractor(backbone, self.layers, pre_trained, backbone_weights).eval()
+        self.feature_pool = nn.AvgPool2d(3, stride=2, padding=1)
+        channels = self.feature_extractor.out_dims
+        self.positional_channels = positional_channels
+        self.parallel_flows = nn.ModuleList(
+            parallel_flow(c, n, positional_channels, clamp) for c, n in zip(channels, flow_blocks, strict=True)
+        )
+        self.fusion_flow = FusionFlow(channels, clamp)
+        self.anomaly_map_generator = AnomalyMapGenerator(top_k=top_k)
+
+    @property
+    def encoder(self) -> nn.Module:
+        """The timm feature network (the encoder that task-specific pre-training fine-tunes)."""
+        return self.feature_extractor.feature_extractor
+
+    def extract_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Frozen extractor features of the configured layers, each average-pooled (3x3, stride 2) as in MSFlow."""
+        self.encoder.eval()
+        with torch.no_grad():
+            features = self.encoder(images)
+        return [self.feature_pool(feature) for feature in features]
+
+    def _positional_encoding(self, feature: torch.Tensor) -> torch.Tensor:
+        height, width = feature.shape[-2:]
+        encoding = positional_encoding_2d(self.positional_channels, height, width).to(feature)
+        return encoding.unsqueeze(0).expand(feature.shape[0], -1, -1, -1)
+
+    def encode(self, features: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Parallel flows then fusion flow; returns latents per scale and the total per-sample log-det."""
+        latents, log_det = [], features[0].new_zeros(features[0].shape[0])
+        for feature, flow in zip(features, self.parallel_flows, strict=True):
+            latent, block_log_det = flow(feature, c=[self._positional_encoding(feature)])
+            latents.append(latent)
+            log_det = log_det + block_log_det
+        latents, fusion_log_det = self.fusion_flow(latents)
+        return latents, log_det + fusion_log_det
+
+    def decode(self, latents: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Inverse of :meth:`encode` (used to check invertibility)."""
+        features, _ = self.fusion_flow(latents, rev=True)
+        return [
+            flow(latent, c=[self._positional_encoding(latent)], rev=True)[0]
+            for latent, flow in zip(features, self.parallel_flows, strict=True)
+        ]
+
+    def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor] | InferenceBatch:
+        """Training: ``(latents, log_det)``. Eval: :class:`InferenceBatch` with the image score and anomaly map."""
+        latents, log_det = self.encode(self.extract_features(images))
+        if self.training:
+            return latents, log_det
+        anomaly_map, pred_score = self.anomaly_map_generator(latents, images.shape[-2:])
+        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
