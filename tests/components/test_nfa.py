@@ -1,0 +1,196 @@
+"""Tests of the a-contrario tree NFA segmentation component."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from anomalib_ext.components.nfa import (
+    a_contrario_segmentation,
+    build_component_tree,
+    chernoff_log10_pfa,
+    detection_leaves,
+    log10_number_of_tests,
+    region_log10_pfa_map,
+)
+
+from nfa_reference import reference_segmentation
+
+# 4x4 hand-checkable map. Upper level sets: the whole image at level 1 (root); a 2x2 block at level 4 whose three
+# pixels at level 5 form its only child; a vertical pair at level 3; a single pixel at level 2.
+HAND_SCORE = np.array(
+    [
+        [5.0, 5.0, 1.0, 1.0],
+        [5.0, 4.0, 1.0, 3.0],
+        [1.0, 1.0, 1.0, 3.0],
+        [2.0, 1.0, 1.0, 1.0],
+    ],
+)
+BLOCK_4 = np.zeros((4, 4), dtype=bool)
+BLOCK_4[:2, :2] = True
+BLOCK_5 = BLOCK_4.copy()
+BLOCK_5[1, 1] = False
+PAIR_3 = np.zeros((4, 4), dtype=bool)
+PAIR_3[1:3, 3] = True
+PIXEL_2 = np.zeros((4, 4), dtype=bool)
+PIXEL_2[3, 0] = True
+
+
+def _node_by_level(tree, level: float) -> int:
+    (index,) = np.flatnonzero(tree.level == level)
+    return int(index)
+
+
+def test_number_of_tests_sanity_values() -> None:
+    assert log10_number_of_tests((28 * 28, 14 * 14)) == pytest.approx(476.92, abs=0.01)
+    assert log10_number_of_tests((14 * 14,)) == pytest.approx(118.95, abs=0.01)
+
+
+def test_chernoff_bound_clamp() -> None:
+    level = np.array([0.5, 1.0, 2.0])
+    clamped = chernoff_log10_pfa(level, np.array([10, 10, 10]), channels=4)
+    assert clamped[0] == 0.0
+    assert clamped[1] == 0.0
+    assert clamped[2] == pytest.approx(-10 * 2 * (1 - math.log(2)) / math.log(10))
+    unclamped = chernoff_log10_pfa(level, np.array([10, 10, 10]), channels=4, clamp=False)
+    assert unclamped[0] < 0.0  # the vacuous bound of the published code
+
+
+def test_hand_checkable_tree() -> None:
+    tree = build_component_tree(HAND_SCORE)
+    assert sorted(tree.level.tolist()) == [1.0, 2.0, 3.0, 4.0, 5.0]
+    root, block4, block5, pair3, pixel2 = (_node_by_level(tree, v) for v in (1.0, 4.0, 5.0, 3.0, 2.0))
+    assert root == 0
+    assert tree.parent[root] == root
+    assert tree.parent[block5] == block4
+    assert tree.parent[block4] == tree.parent[pair3] == tree.parent[pixel2] == root
+    assert dict(zip(tree.level.tolist(), tree.area.tolist(), strict=True)) == {1.0: 16, 4.0: 4, 5.0: 3, 3.0: 2, 2.0: 1}
+    assert (tree.pixel_node.reshape(4, 4) == block5)[BLOCK_5].all()
+
+
+def test_hand_checkable_prune_and_merge() -> None:
+    tree = build_component_tree(HAND_SCORE)
+    root, block4, block5, pair3, pixel2 = (_node_by_level(tree, v) for v in (1.0, 4.0, 5.0, 3.0, 2.0))
+    log_pfa = np.zeros(tree.parent.size)
+    # prune keeps the more significant node of the branch (block5 -> block4); the root does not beat its children
+    log_pfa[[root, block4, block5, pair3, pixel2]] = [-1.0, -5.0, -3.0, -2.0, -4.0]
+    kept = detection_leaves(tree.parent, log_pfa)
+    assert set(np.flatnonzero(kept)) == {block4, pair3, pixel2}
+    # a root at least as significant as all of its (leaf) children absorbs them
+    log_pfa[root] = -6.0
+    assert set(np.flatnonzero(detection_leaves(tree.parent, log_pfa))) == {root}
+    # ties along a branch keep the leaf (argmin from the leaf upwards); ties at a merge let the parent absorb
+    log_pfa[:] = -1.0
+    log_pfa[root] = 0.0
+    assert set(np.flatnonzero(detection_leaves(tree.parent, log_pfa))) == {block5, pair3, pixel2}
+    log_pfa[root] = -1.0
+    assert set(np.flatnonzero(detection_leaves(tree.parent, log_pfa))) == {root}
+
+
+def test_hand_checkable_log_pfa_map() -> None:
+    channels = 2
+    result = region_log10_pfa_map(HAND_SCORE, channels)
+
+    def bound(t: float, area: int) -> float:
+        return -area * channels / 2 * (t - 1 - math.log(t)) / math.log(10)
+
+    # level 5 (area 3) beats level 4 (area 4) in its branch; the root (t = 1) has log PFA 0 and merges nothing
+    assert bound(5, 3) < bound(4, 4)
+    expected = np.zeros((4, 4))
+    expected[BLOCK_5] = bound(5, 3)
+    expected[PAIR_3] = bound(3, 2)
+    expected[PIXEL_2] = bound(2, 1)
+    np.testing.assert_allclose(result, expected)
+
+
+@pytest.mark.parametrize("clamp", [True, False])
+def test_identical_to_straightforward_reference(clamp: bool) -> None:
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(6):
+        latents = [
+            torch.randn(2, 64, 16, 16, generator=generator) * (1.0 + 0.05 * trial),
+            torch.randn(2, 96, 8, 8, generator=generator) * 1.05,
+        ]
+        latents[0][0, :, 3:7, 4:9] += 1.5
+        latents[1][1, :, 5:8, 0:3] += 1.5
+        log_nfa, mask = a_contrario_segmentation(latents, (32, 32), clamp_chernoff=clamp)
+        expected_log_nfa, expected_mask = reference_segmentation(latents, (32, 32), clamp_chernoff=clamp)
+        assert mask.any()
+        assert torch.equal(mask, expected_mask)
+        torch.testing.assert_close(log_nfa, expected_log_nfa)
+
+
+def test_integer_ties_identical_to_reference() -> None:
+    """Plateaus (many equal scores) exercise the canonical-node merging of the max-tree."""
+    generator = torch.Generator().manual_seed(1)
+    latents = [torch.randint(1, 4, (3, 1, 12, 12), generator=generator).float()]
+    log_nfa, _ = a_contrario_segmentation(latents, (12, 12))
+    expected, _ = reference_segmentation(latents, (12, 12))
+    assert log_nfa.unique().numel() > 3
+    torch.testing.assert_close(log_nfa, expected)
+
+
+def test_h0_false_alarms_at_most_one_region_per_image() -> None:
+    generator = torch.Generator().manual_seed(2)
+    n_images = 50
+    regions = 0
+    for _ in range(n_images // 10):
+        latents = [torch.randn(10, 816, 28, 28, generator=generator), torch.randn(10, 192, 14, 14, generator=generator)]
+        _, masks = a_contrario_segmentation(latents, (112, 112))
+        regions += sum(ndimage.label(mask.numpy())[1] for mask in masks)
+    assert regions / n_images <= 1.0
+
+
+def test_under_dispersed_latents_not_flagged_with_clamp() -> None:
+    generator = torch.Generator().manual_seed(3)
+    latents = [
+        torch.randn(8, 816, 28, 28, generator=generator) * math.sqrt(0.9),
+        torch.randn(8, 192, 14, 14, generator=generator) * math.sqrt(0.9),
+    ]
+    _, clamped = a_contrario_segmentation(latents, (56, 56))
+    assert not clamped.flatten(1).all(dim=1).any()
+    _, unclamped = a_contrario_segmentation(latents, (56, 56), clamp_chernoff=False)
+    assert unclamped.flatten(1).all(dim=1).any()  # the published behaviour flags such images whole
+
+
+def test_planted_region_is_detected() -> None:
+    generator = torch.Generator().manual_seed(4)
+    latents = [torch.randn(1, 256, 28, 28, generator=generator), torch.randn(1, 256, 14, 14, generator=generator)]
+    latents[0][..., 10:18, 12:22] += 1.0
+    latents[1][..., 5:9, 6:11] += 1.0
+    planted = torch.zeros(112, 112, dtype=torch.bool)
+    planted[40:72, 48:88] = True
+    _, mask = a_contrario_segmentation(latents, (112, 112))
+    intersection = (mask[0] & planted).sum().item()
+    union = (mask[0] | planted).sum().item()
+    assert intersection / union >= 0.8
+
+
+def test_threshold_and_output_size() -> None:
+    latents = [torch.randn(2, 4, 8, 8), torch.randn(2, 8, 4, 4)]
+    log_nfa, mask = a_contrario_segmentation(latents, 20, log_nfa_threshold=1e9)
+    assert log_nfa.shape == mask.shape == (2, 20, 20)
+    assert log_nfa.dtype == torch.float32
+    assert mask.dtype == torch.bool
+    assert mask.all()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_latents_raise(bad: float) -> None:
+    latents = [torch.randn(1, 4, 8, 8), torch.randn(1, 8, 4, 4)]
+    latents[1][0, 0, 0, 0] = bad
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        a_contrario_segmentation(latents, (16, 16))
+
+
+def test_mismatched_scales_raise() -> None:
+    with pytest.raises(ValueError, match="same batch size"):
+        a_contrario_segmentation([torch.randn(2, 4, 8, 8), torch.randn(3, 8, 4, 4)], (16, 16))
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
+        a_contrario_segmentation([torch.randn(2, 4, 8, 8), torch.randn(8, 4, 4)], (16, 16))
+    with pytest.raises(ValueError, match="non-empty list"):
+        a_contrario_segmentation([], (16, 16))
