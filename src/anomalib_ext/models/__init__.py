@@ -1,3 +1,13 @@
-"""Anomaly-detection models of anomalib-ext, resolvable by short name with the stock ``anomalib`` CLI."""
+"""Anomaly-detection models of anomalib-ext, resolvable by short name with the stock ``anomalib`` CLI.
 
-__all__: list[str] = []
+Importing this package also registers the timm name ``efficientnet_lite0.anomalib_ext`` (offline ImageNet weights), so
+stock Anomalib models such as ``Padim`` can use the offline backbone too.
+"""
+
+from anomalib_ext.components.backbones import register_offline_timm_tag
+
+register_offline_timm_tag()
+
+from anomalib_ext.models.msflow import MSFlow  # noqa: E402
+
+__all__: list[str] = ["MSFlow"]
