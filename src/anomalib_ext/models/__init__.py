@@ -9,5 +9,6 @@ from anomalib_ext.components.backbones import register_offline_timm_tag
 register_offline_timm_tag()
 
 from anomalib_ext.models.msflow import MSFlow  # noqa: E402
+from anomalib_ext.models.uflow_nfa import UFlowNFA  # noqa: E402
 
-__all__: list[str] = ["MSFlow"]
+__all__: list[str] = ["MSFlow", "UFlowNFA"]
