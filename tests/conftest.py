@@ -30,10 +30,15 @@ TINY_TEXTURES = {"tile_size": 64, "num_train": 8, "num_test_normal": 4, "num_tes
 
 def _resize_pre_processor(size: int, normalize: bool = True) -> str:
     """JSON for ``--model.pre_processor``: resize to ``size`` x ``size`` (then ImageNet normalisation)."""
-    transforms = [{"class_path": "torchvision.transforms.v2.Resize", "init_args": {"size": [size, size], "antialias": True}}]
+    transforms = [
+        {"class_path": "torchvision.transforms.v2.Resize", "init_args": {"size": [size, size], "antialias": True}}
+    ]
     if normalize:
         transforms.append(
-            {"class_path": "torchvision.transforms.v2.Normalize", "init_args": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}},
+            {
+                "class_path": "torchvision.transforms.v2.Normalize",
+                "init_args": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD},
+            },
         )
     transform = {"class_path": "torchvision.transforms.v2.Compose", "init_args": {"transforms": transforms}}
     return json.dumps({"class_path": "anomalib.pre_processing.PreProcessor", "init_args": {"transform": transform}})
@@ -76,7 +81,9 @@ def anomalib_cli(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
     """
     executable = str(Path(sys.executable).with_name("anomalib"))
 
-    def run(*args: str, cwd: Path | None = None, expect_failure: bool = False, timeout: int = 600) -> subprocess.CompletedProcess:
+    def run(
+        *args: str, cwd: Path | None = None, expect_failure: bool = False, timeout: int = 600
+    ) -> subprocess.CompletedProcess:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
         result = subprocess.run(
             [executable, *args],
@@ -88,7 +95,9 @@ def anomalib_cli(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
             check=False,
         )
         if (result.returncode == 0) == expect_failure:
-            pytest.fail(f"anomalib {' '.join(args)} exited {result.returncode}\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}")
+            pytest.fail(
+                f"anomalib {' '.join(args)} exited {result.returncode}\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
+            )
         return result
 
     return run

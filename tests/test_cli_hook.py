@@ -23,7 +23,9 @@ def test_hook_file_is_installed() -> None:
 
 
 def test_importing_anomalib_models_loads_plugin() -> None:
-    code = "import sys, anomalib.models; print('anomalib_ext.models' in sys.modules, 'anomalib_ext.data' in sys.modules)"
+    code = (
+        "import sys, anomalib.models; print('anomalib_ext.models' in sys.modules, 'anomalib_ext.data' in sys.modules)"
+    )
     assert _python(code).stdout.split() == ["True", "True"]
 
 
@@ -61,14 +63,22 @@ def test_stock_cli_resolves_plugin_datamodule(anomalib_cli, tiny_textures_args, 
     """``anomalib train --data Textures`` (short name) trains and tests stock PaDiM on the offline backbone."""
     result = anomalib_cli(
         "train",
-        "--model", "Padim",
-        "--model.backbone", "efficientnet_lite0.anomalib_ext",
-        "--model.layers", "[blocks.1, blocks.2]",
-        "--model.n_features", "16",
-        "--model.pre_processor", resize_pre_processor(64),
+        "--model",
+        "Padim",
+        "--model.backbone",
+        "efficientnet_lite0.anomalib_ext",
+        "--model.layers",
+        "[blocks.1, blocks.2]",
+        "--model.n_features",
+        "16",
+        "--model.pre_processor",
+        resize_pre_processor(64),
         *tiny_textures_args("brick"),
-        "--trainer.max_epochs", "1",
-        "--trainer.accelerator", "cpu",
-        "--default_root_dir", str(tmp_path / "results"),
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.accelerator",
+        "cpu",
+        "--default_root_dir",
+        str(tmp_path / "results"),
     )
     assert "pixel_AUROC" in result.stdout

@@ -66,7 +66,9 @@ def test_poisson_clone_has_no_seam(gravel: np.ndarray, brick: np.ndarray) -> Non
     pasted, pasted_mask = paste_region(gravel, brick, source_mask, np.random.default_rng(1))
 
     def border_gradient(image: np.ndarray, region: np.ndarray) -> float:
-        ring = cv2.dilate(region.astype(np.uint8), np.ones((3, 3))) - cv2.erode(region.astype(np.uint8), np.ones((3, 3)))
+        ring = cv2.dilate(region.astype(np.uint8), np.ones((3, 3))) - cv2.erode(
+            region.astype(np.uint8), np.ones((3, 3))
+        )
         gray = image.mean(axis=2)
         magnitude = np.hypot(*np.gradient(gray))
         return float(magnitude[ring > 0].mean())

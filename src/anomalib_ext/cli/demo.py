@@ -26,10 +26,17 @@ def build_model(name: str, image_size: int):  # noqa: ANN201 - returns an Anomal
     from anomalib_ext.components.backbones import register_offline_timm_tag
 
     pre_processor = PreProcessor(
-        transform=Compose([Resize((image_size, image_size), antialias=True), Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])]),
+        transform=Compose(
+            [Resize((image_size, image_size), antialias=True), Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])]
+        ),
     )
     if name == "padim":
-        return Padim(backbone=register_offline_timm_tag(), layers=["blocks.1", "blocks.2"], n_features=48, pre_processor=pre_processor)
+        return Padim(
+            backbone=register_offline_timm_tag(),
+            layers=["blocks.1", "blocks.2"],
+            n_features=48,
+            pre_processor=pre_processor,
+        )
     msg = f"Unknown demo model {name!r}"
     raise ValueError(msg)
 
@@ -39,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
 
     from anomalib_ext.data import Textures
 
-    datamodule = Textures(root=args.root, category=args.category, num_workers=0, train_batch_size=16, eval_batch_size=16)
+    datamodule = Textures(
+        root=args.root, category=args.category, num_workers=0, train_batch_size=16, eval_batch_size=16
+    )
     model = build_model(args.model, args.image_size)
     engine = Engine(default_root_dir=args.output, max_epochs=args.max_epochs, accelerator="cpu", devices=1)
     engine.fit(model=model, datamodule=datamodule)

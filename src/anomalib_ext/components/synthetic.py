@@ -25,7 +25,9 @@ SCAR_ROTATION_DEGREES = 45.0
 COLOUR_JITTER = 0.1
 
 
-def _composite(image: np.ndarray, patch: np.ndarray, patch_mask: np.ndarray, top: int, left: int) -> tuple[np.ndarray, np.ndarray]:
+def _composite(
+    image: np.ndarray, patch: np.ndarray, patch_mask: np.ndarray, top: int, left: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Hard binary compositing of ``patch`` where ``patch_mask`` is set, with its top-left corner at (top, left)."""
     height, width = patch_mask.shape
     output = image.copy()
@@ -42,7 +44,9 @@ def _colour_jitter(patch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(patch.astype(np.float32) * gain + offset, 0, 255).astype(np.uint8)
 
 
-def _random_position(image_shape: tuple[int, ...], patch_shape: tuple[int, ...], rng: np.random.Generator) -> tuple[int, int]:
+def _random_position(
+    image_shape: tuple[int, ...], patch_shape: tuple[int, ...], rng: np.random.Generator
+) -> tuple[int, int]:
     top = int(rng.integers(0, image_shape[0] - patch_shape[0] + 1))
     left = int(rng.integers(0, image_shape[1] - patch_shape[1] + 1))
     return top, left
@@ -78,7 +82,9 @@ def cut_paste(
         top, left = (side - scar_h) // 2, (side - scar_w) // 2
         canvas[top : top + scar_h, left : left + scar_w] = scar
         canvas_mask[top : top + scar_h, left : left + scar_w] = 1
-        rotation = cv2.getRotationMatrix2D((side / 2, side / 2), rng.uniform(-SCAR_ROTATION_DEGREES, SCAR_ROTATION_DEGREES), 1.0)
+        rotation = cv2.getRotationMatrix2D(
+            (side / 2, side / 2), rng.uniform(-SCAR_ROTATION_DEGREES, SCAR_ROTATION_DEGREES), 1.0
+        )
         patch = cv2.warpAffine(canvas, rotation, (side, side), flags=cv2.INTER_LINEAR)
         patch_mask = cv2.warpAffine(canvas_mask, rotation, (side, side), flags=cv2.INTER_NEAREST).astype(bool)
         if side >= min(height, width):
@@ -91,7 +97,9 @@ def cut_paste(
     return _composite(image, patch, patch_mask, top, left)
 
 
-def _crop_to_mask(source_image: np.ndarray, source_mask: np.ndarray, max_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def _crop_to_mask(
+    source_image: np.ndarray, source_mask: np.ndarray, max_size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
     """Crop image and mask to the mask's bounding box, shrinking (aspect kept) to fit within ``max_size``."""
     if source_image.shape[:2] != source_mask.shape:
         msg = f"Source image {source_image.shape[:2]} and mask {source_mask.shape} differ in size."
@@ -167,7 +175,9 @@ def poisson_clone(
     return output, mask
 
 
-def random_shape_mask(shape: tuple[int, int], rng: np.random.Generator, size_range: tuple[float, float] = (0.1, 0.35)) -> np.ndarray:
+def random_shape_mask(
+    shape: tuple[int, int], rng: np.random.Generator, size_range: tuple[float, float] = (0.1, 0.35)
+) -> np.ndarray:
     """A random star-shaped polygon (8-16 vertices) whose diameter is ``size_range`` of the shorter image side."""
     height, width = shape
     radius = rng.uniform(*size_range) * min(height, width) / 2
@@ -182,7 +192,9 @@ def random_shape_mask(shape: tuple[int, int], rng: np.random.Generator, size_ran
     return mask.astype(bool)
 
 
-def crack_stroke(image: np.ndarray, rng: np.random.Generator, darkening: tuple[float, float] = (0.25, 0.55)) -> tuple[np.ndarray, np.ndarray]:
+def crack_stroke(
+    image: np.ndarray, rng: np.random.Generator, darkening: tuple[float, float] = (0.25, 0.55)
+) -> tuple[np.ndarray, np.ndarray]:
     """Draw a thin, wandering dark crack (a random-walk polyline, 1-3 px wide) into ``image``."""
     height, width = image.shape[:2]
     steps = int(rng.integers(6, 14))
@@ -256,14 +268,18 @@ class MaskedImageSource:
     def _find_pairs(self) -> list[tuple[Path, Path]]:
         if (self.root / "test").is_dir() and (self.root / "ground_truth").is_dir():
             pairs = []
-            for defect_dir in sorted(path for path in (self.root / "test").iterdir() if path.is_dir() and path.name != "good"):
+            for defect_dir in sorted(
+                path for path in (self.root / "test").iterdir() if path.is_dir() and path.name != "good"
+            ):
                 masks_dir = self.root / "ground_truth" / defect_dir.name
                 images = _images_in(defect_dir)
                 masks = _images_in(masks_dir) if masks_dir.is_dir() else []
                 pairs += self._match(images, masks, lambda stem: f"{stem}_mask", masks_dir)
             return pairs
         if (self.root / "images").is_dir() and (self.root / "masks").is_dir():
-            return self._match(_images_in(self.root / "images"), _images_in(self.root / "masks"), str, self.root / "masks")
+            return self._match(
+                _images_in(self.root / "images"), _images_in(self.root / "masks"), str, self.root / "masks"
+            )
         pairs = []
         for folder in sorted({path.parent for path in self.root.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES}):
             files = _images_in(folder)
