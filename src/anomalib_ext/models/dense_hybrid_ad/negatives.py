@@ -1,0 +1,113 @@
+"""Negatives for DenseHybridAD: foreign regions pasted into normal training images with hard binary compositing.
+
+``shape="mask"`` (the adaptation's proposal): one object mask (an ADE20K segment, a connected component of a masked image
+folder, or, with no folder, a procedural random polygon filled with smooth colour noise) is rescaled so that its bounding
+box spans ``size_range`` of the shorter image side and pasted pixel-exactly at a random place. ``shape="rectangle"``
+(DenseHybrid's original negatives): a whole source image, resized to a random rectangle of the same relative size range.
+
+Pasting happens after the pre-processor, so the source pixels go through the same ``Normalize`` as the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import cv2
+import numpy as np
+import torch
+
+from anomalib_ext.components.negative_sources import ADE20KSplit, SegmentSource
+from anomalib_ext.components.synthetic import paste_region, random_shape_mask, read_rgb
+
+NegativeShape = Literal["mask", "rectangle"]
+NEGATIVE_SHAPES: tuple[str, ...] = ("mask", "rectangle")
+
+
+def smooth_colour_noise(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """Procedural negative content: a random 2x2..8x8 RGB grid upsampled bicubically to ``shape`` (uint8)."""
+    cells = int(rng.integers(2, 9))
+    grid = rng.uniform(0, 255, size=(cells, cells, 3)).astype(np.float32)
+    return np.clip(cv2.resize(grid, (shape[1], shape[0]), interpolation=cv2.INTER_CUBIC), 0, 255).astype(np.uint8)
+
+
+class NegativePaster:
+    """Pastes one negative into every image of a pre-processed batch.
+
+    Args:
+        source: folder of images with masks (ADE20K layouts or any ``MaskedImageSource`` layout); ``None``: procedural.
+        shape: ``"mask"`` (object-shaped, default) or ``"rectangle"``.
+        size_range: extent of a negative (bounding-box side for masks, rectangle sides) as fractions of the shorter side.
+        split: ADE20K scene-parsing split to draw from.
+    """
+
+    def __init__(
+        self,
+        source: str | Path | None = None,
+        shape: NegativeShape = "mask",
+        size_range: Sequence[float] = (0.1, 0.5),
+        split: ADE20KSplit = "training",
+    ) -> None:
+        if shape not in NEGATIVE_SHAPES:
+            msg = f"Unknown negative shape {shape!r}; expected one of {NEGATIVE_SHAPES}."
+            raise ValueError(msg)
+        low, high = (float(value) for value in size_range)
+        if not 0.0 < low <= high <= 1.0:
+            msg = f"size_range must satisfy 0 < low <= high <= 1, got {tuple(size_range)}."
+            raise ValueError(msg)
+        self.shape = shape
+        self.size_range = (low, high)
+        self.segments = SegmentSource(source, split) if source is not None else None
+
+    def _draw(self, height: int, width: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """A source image and the bool mask of the region to paste, already at its pasting size."""
+        side = min(height, width)
+        if self.segments is None:
+            content = smooth_colour_noise((height, width), rng)
+            if self.shape == "mask":
+                return content, random_shape_mask((height, width), rng, self.size_range)
+            size = rng.uniform(*self.size_range, size=2) * side
+            patch_h, patch_w = max(1, round(size[0])), max(1, round(size[1]))
+            return content[:patch_h, :patch_w], np.ones((patch_h, patch_w), dtype=bool)
+        if self.shape == "rectangle":
+            image = read_rgb(self.segments.source.pairs[int(rng.integers(len(self.segments)))][0])
+            size = rng.uniform(*self.size_range, size=2) * side
+            patch_h, patch_w = max(1, round(size[0])), max(1, round(size[1]))
+            return cv2.resize(image, (patch_w, patch_h), interpolation=cv2.INTER_AREA), np.ones((patch_h, patch_w), dtype=bool)
+        image, mask = self.segments.sample(rng)
+        rows, cols = np.nonzero(mask)
+        top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+        crop, crop_mask = image[top:bottom, left:right], mask[top:bottom, left:right]
+        scale = rng.uniform(*self.size_range) * side / max(crop_mask.shape)
+        size = (max(1, round(crop_mask.shape[1] * scale)), max(1, round(crop_mask.shape[0] * scale)))
+        crop_mask = cv2.resize(crop_mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
+        if not crop_mask.any():  # a thin segment can vanish when shrunk: keep its centre pixel
+            crop_mask[crop_mask.shape[0] // 2, crop_mask.shape[1] // 2] = True
+        return cv2.resize(crop, size, interpolation=cv2.INTER_AREA), crop_mask
+
+    def __call__(
+        self,
+        images: torch.Tensor,
+        rng: np.random.Generator,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Paste negatives into ``images`` [B, 3, H, W] (already normalised with ``mean``/``std`` if given).
+
+        Returns:
+            The composited images and the bool masks [B, H, W] of exactly the pasted pixels.
+        """
+        batch, _, height, width = images.shape
+        mean_array = np.asarray(mean if mean is not None else (0.0, 0.0, 0.0), dtype=np.float32)
+        std_array = np.asarray(std if std is not None else (1.0, 1.0, 1.0), dtype=np.float32)
+        destinations = images.detach().permute(0, 2, 3, 1).to("cpu", torch.float32).numpy()
+        outputs, masks = [], []
+        for destination in destinations:
+            source_image, source_mask = self._draw(height, width, rng)
+            source = (source_image.astype(np.float32) / 255.0 - mean_array) / std_array
+            output, mask = paste_region(destination, source, source_mask, rng)
+            outputs.append(output)
+            masks.append(mask)
+        composited = torch.from_numpy(np.stack(outputs)).permute(0, 3, 1, 2).to(images.device, images.dtype)
+        return composited.contiguous(), torch.from_numpy(np.stack(masks)).to(images.device)
