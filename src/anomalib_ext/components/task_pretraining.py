@@ -26,11 +26,29 @@ import torch.nn.functional as F  # noqa: N812
 from safetensors.torch import save_file
 from torch import nn
 
-from anomalib_ext.components.backbones import build_timm_model
-from anomalib_ext.components.synthetic import MaskedImageSource, cut_paste, poisson_clone
+from anomalib_ext.components.backbones import available_feature_layers, build_timm_model, create_feature_extractor
+from anomalib_ext.components.synthetic import IMAGE_SUFFIXES, MaskedImageSource, cut_paste, poisson_clone, read_rgb
 
 PretrainTask = Literal["cutpaste", "poisson"]
 PRETRAIN_TASKS = ("cutpaste", "poisson")
+ANOMALY_PRIOR = 0.05
+SCALE_REDUCTIONS = (4, 8, 16)  # the three encoder stages MSFlow uses: wide_resnet50_2 layer1/2/3
+
+
+def default_feature_layers(backbone: str) -> list[str]:
+    """The backbone's feature taps at strides 4, 8 and 16 (``layer1..3`` for ResNets, ``blocks.1/2/4`` for EfficientNet-Lite0)."""
+    import timm
+
+    model = timm.create_model(backbone, pretrained=False, features_only=True)
+    taps = {info["reduction"]: info["module"] for info in model.feature_info.info}  # the last tap per stride
+    missing = [reduction for reduction in SCALE_REDUCTIONS if reduction not in taps]
+    if missing:
+        msg = (
+            f"Backbone '{backbone}' has no feature tap at stride(s) {missing}; pass `layers` explicitly "
+            f"(available: {available_feature_layers(backbone)})."
+        )
+        raise ValueError(msg)
+    return [taps[reduction] for reduction in SCALE_REDUCTIONS]
 
 
 def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -82,6 +100,9 @@ class SegmentationUNet(nn.Module):
             nn.ReLU(inplace=True),
             nn.Conv2d(head_channels, 1, 1),
         )
+        # Start from the prior odds of a small anomaly (5 % of the pixels) rather than 50 %, so the first steps learn
+        # where anomalies are instead of how rare they are (the focal-loss initialisation of Lin et al., 2017).
+        nn.init.constant_(self.head[-1].bias, math.log(ANOMALY_PRIOR / (1 - ANOMALY_PRIOR)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Anomaly logits ``[N, 1, H, W]`` at the input resolution."""
@@ -96,6 +117,20 @@ class SegmentationUNet(nn.Module):
         if logits.shape[-2:] != images.shape[-2:]:
             logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
         return logits
+
+
+def build_segmentation_unet(
+    backbone: str,
+    layers: Sequence[str] | None = None,
+    pre_trained: bool = True,
+    backbone_weights: str | Path | None = None,
+    decoder_channels: Sequence[int] | None = None,
+) -> SegmentationUNet:
+    """A :class:`SegmentationUNet` whose encoder is a trainable timm feature network of ``backbone`` (``layers``)."""
+    layers = list(layers) if layers is not None else default_feature_layers(backbone)
+    extractor = create_feature_extractor(backbone, layers, pre_trained, backbone_weights, requires_grad=True)
+    encoder = extractor.feature_extractor
+    return SegmentationUNet(encoder, extractor.out_dims, encoder.feature_info.reduction(), decoder_channels)
 
 
 def freeze_batch_norm_statistics(module: nn.Module) -> None:
@@ -151,17 +186,23 @@ class SyntheticAnomalyGenerator:
             masked_source = MaskedImageSource(source)
             self.defects = [masked_source[index] for index in range(len(masked_source))]
 
+    def random_defect(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """A random source defect (image, mask) resized to ``height x width``.
+
+        Source and destination are brought to the same resolution, so defects keep their relative size (both datasets
+        are resized to the network input in the paper).
+        """
+        source_image, source_mask = self.defects[int(self.rng.integers(len(self.defects)))]
+        if source_mask.shape != (height, width):
+            source_image = cv2.resize(source_image, (width, height), interpolation=cv2.INTER_AREA)
+            source_mask = cv2.resize(source_mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
+        return source_image, source_mask
+
     def synthesise(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One anomalous version of a ``uint8`` RGB image and the mask of its changed region."""
         if self.task == "cutpaste":
             return cut_paste(image, self.rng, variant=self.cutpaste_variant)
-        source_image, source_mask = self.defects[int(self.rng.integers(len(self.defects)))]
-        height, width = image.shape[:2]
-        # Bring the source to the destination's resolution, so defects keep their relative size (both datasets are
-        # resized to the network input in the paper).
-        if source_mask.shape != (height, width):
-            source_image = cv2.resize(source_image, (width, height), interpolation=cv2.INTER_AREA)
-            source_mask = cv2.resize(source_mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
+        source_image, source_mask = self.random_defect(*image.shape[:2])
         if not source_mask.any():
             return cut_paste(image, self.rng, variant=self.cutpaste_variant)  # defect too thin to survive the resize
         return poisson_clone(image, source_image, source_mask, self.rng, mode=self.poisson_mode)
@@ -186,12 +227,14 @@ def step_schedule_factor(
     """MSFlow's learning-rate factor at ``epoch`` (0-based) of ``total_epochs``.
 
     Linear warm-up from ``warmup_start_factor`` over the first ``warmup_fraction`` of training (1e-5 -> 1e-4 over 12 of 100
-    epochs in the paper), then ``x decay`` at each milestone fraction (x1/3 at 70 % and 90 %).
+    epochs in the paper), then ``x decay`` at each milestone fraction (x1/3 at 70 % and 90 %). Milestones that round down to
+    epoch 0 (runs shorter than two epochs) are skipped.
     """
     warmup_epochs = math.floor(warmup_fraction * total_epochs)
     if epoch < warmup_epochs:
         return warmup_start_factor + (1 - warmup_start_factor) * epoch / warmup_epochs
-    return decay ** sum(epoch >= math.floor(fraction * total_epochs) for fraction in milestones)
+    milestone_epochs = [math.floor(fraction * total_epochs) for fraction in milestones]
+    return decay ** sum(0 < milestone <= epoch for milestone in milestone_epochs)  # a run too short for a milestone keeps lr
 
 
 def save_encoder_weights(
@@ -221,3 +264,69 @@ def save_encoder_weights(
     header = {"backbone": backbone, **(metadata or {})}
     save_file({key: tensor.contiguous().cpu() for key, tensor in state.items()}, str(path), metadata=header)
     return path
+
+
+class NormalImageFolder(torch.utils.data.Dataset):
+    """Every image below ``root`` (recursively), resized to ``image_size`` and returned as a ``[3, H, W]`` float in ``[0, 1]``.
+
+    Files whose name ends in ``_mask`` are skipped, so an MVTec ``train/good`` folder or a plain folder both work.
+    """
+
+    def __init__(self, root: str | Path, image_size: tuple[int, int]) -> None:
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            msg = f"Normal-image folder {self.root} does not exist (expected a folder of defect-free images, e.g. <category>/train/good)."
+            raise FileNotFoundError(msg)
+        self.paths = sorted(
+            path for path in self.root.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and not path.stem.endswith("_mask")
+        )
+        if not self.paths:
+            msg = f"No images ({', '.join(IMAGE_SUFFIXES)}) found under {self.root}."
+            raise FileNotFoundError(msg)
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        image = read_rgb(self.paths[index])
+        image = cv2.resize(image, (self.image_size[1], self.image_size[0]), interpolation=cv2.INTER_AREA)
+        return torch.from_numpy(image).permute(2, 0, 1).float() / 255
+
+
+def pretrain_segmentation(
+    network: SegmentationUNet,
+    loader: torch.utils.data.DataLoader,
+    generator: SyntheticAnomalyGenerator,
+    epochs: int,
+    lr: float = 1e-4,
+    mean: Sequence[float] = (0.485, 0.456, 0.406),
+    std: Sequence[float] = (0.229, 0.224, 0.225),
+    device: str | torch.device = "cpu",
+    log_every_epoch: bool = True,
+) -> list[float]:
+    """Train ``network`` on synthetic anomalies for ``epochs`` with Adam and MSFlow's schedule; return the epoch mean BCEs.
+
+    ``loader`` yields ``[N, 3, H, W]`` images in ``[0, 1]``; anomalies are synthesised on them, then the images are
+    normalised with ``mean``/``std`` (ImageNet by default) before the network sees them.
+    """
+    network.to(device).train()
+    optimizer = torch.optim.Adam(network.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: step_schedule_factor(epoch, epochs))
+    mean_tensor = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    std_tensor = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    history = []
+    for epoch in range(epochs):
+        total, count = 0.0, 0
+        for images in loader:
+            anomalous, masks = generator(images.to(device))
+            loss = segmentation_loss(network, (anomalous - mean_tensor) / std_tensor, masks)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, count = total + loss.item() * len(images), count + len(images)
+        scheduler.step()
+        history.append(total / count)
+        if log_every_epoch:
+            print(f"pre-training epoch {epoch + 1}/{epochs}: BCE {history[-1]:.4f}", flush=True)  # noqa: T201
+    return history

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from anomalib import LearningType
 from anomalib.data import Batch
@@ -89,7 +90,7 @@ class MSFlow(AnomalibModule):
         decoder_channels: U-Net decoder widths, finest first (``None``: the skip's channels).
         pretrain_weights_out: if set, the fine-tuned encoder is also written there (timm-keyed safetensors) when
             pre-training ends.
-        seed: seed of the synthetic-anomaly generator (offset by the DDP rank).
+        seed: seed of the synthetic anomalies (combined with the DDP rank and the epoch).
     """
 
     def __init__(
@@ -211,8 +212,13 @@ class MSFlow(AnomalibModule):
                 source=self.poisson_source,
                 cutpaste_variant=self.cutpaste_variant,
                 poisson_mode=self.poisson_mode,
-                seed=self.seed + self.global_rank,
+                seed=self.seed,
             )
+
+    def on_train_epoch_start(self) -> None:
+        """Re-seed the synthetic anomalies per (seed, rank, epoch): a resumed run draws what the uninterrupted one drew."""
+        if self.anomaly_generator is not None and self.in_pretraining():
+            self.anomaly_generator.rng = np.random.default_rng([self.seed, self.global_rank, self.current_epoch])
 
     def _synthetic_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Synthesise anomalies on pre-processed images: undo the pre-processor's normalisation, paste, redo it."""

@@ -19,7 +19,8 @@ from anomalib.models.image.cflow.utils import positional_encoding_2d
 from FrEIA.framework import SequenceINN
 from torch import nn
 
-from anomalib_ext.components.backbones import available_feature_layers, create_feature_extractor
+from anomalib_ext.components.backbones import create_feature_extractor
+from anomalib_ext.components.task_pretraining import default_feature_layers
 
 from .anomaly_map import AnomalyMapGenerator
 
@@ -27,23 +28,6 @@ from .anomaly_map import AnomalyMapGenerator
 DEFAULT_FLOW_BLOCKS = (2, 5, 8)
 DEFAULT_CLAMP = 1.9
 DEFAULT_POSITIONAL_CHANNELS = 64
-SCALE_REDUCTIONS = (4, 8, 16)  # the extractor taps MSFlow uses: wide_resnet50_2 layer1/2/3
-
-
-def default_feature_layers(backbone: str) -> list[str]:
-    """The backbone's feature taps at strides 4, 8 and 16 (``layer1..3`` for ResNets, ``blocks.1/2/4`` for EfficientNet-Lite0)."""
-    import timm
-
-    model = timm.create_model(backbone, pretrained=False, features_only=True)
-    taps = {info["reduction"]: info["module"] for info in model.feature_info.info}  # the last tap per stride
-    missing = [reduction for reduction in SCALE_REDUCTIONS if reduction not in taps]
-    if missing:
-        msg = (
-            f"Backbone '{backbone}' has no feature tap at stride(s) {missing}; pass `layers` explicitly "
-            f"(available: {available_feature_layers(backbone)})."
-        )
-        raise ValueError(msg)
-    return [taps[reduction] for reduction in SCALE_REDUCTIONS]
 
 
 class ChannelLayerNorm(nn.LayerNorm):
@@ -172,6 +156,7 @@ class MSFlowModel(nn.Module):
             msg = f"MSFlow needs one flow per feature layer: got layers {self.layers} and flow_blocks {list(flow_blocks)}."
             raise ValueError(msg)
         self.feature_extractor = create_feature_extractor(backbone, self.layers, pre_trained, backbone_weights).eval()
+        self.feature_extractor.requires_grad_(False)  # frozen; task pre-training re-enables it for its own stage
         self.feature_pool = nn.AvgPool2d(3, stride=2, padding=1)
         channels = self.feature_extractor.out_dims
         self.positional_channels = positional_channels

@@ -1,0 +1,160 @@
+"""MSFlow torch parts: flow shapes and invertibility, exact log-determinants, maps, score and loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from anomalib_ext.components.task_pretraining import default_feature_layers
+from anomalib_ext.models.msflow.anomaly_map import AnomalyMapGenerator
+from anomalib_ext.models.msflow.loss import MSFlowLoss
+from anomalib_ext.models.msflow.torch_model import FusionFlow, MSFlowModel, parallel_flow
+
+
+def _perturb(module: torch.nn.Module, scale: float = 0.1) -> None:
+    """Move trainable parameters away from their (near-identity) initialisation; fixed permutations stay intact."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            if parameter.requires_grad:
+                parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> MSFlowModel:
+    torch.manual_seed(0)
+    model = MSFlowModel("efficientnet_lite0", pre_trained=False, flow_blocks=(1, 2, 2), positional_channels=8)
+    _perturb(model.parallel_flows)
+    _perturb(model.fusion_flow)
+    return model
+
+
+def test_default_layers_are_the_stride_4_8_16_taps() -> None:
+    assert default_feature_layers("wide_resnet50_2") == ["layer1", "layer2", "layer3"]
+    assert default_feature_layers("efficientnet_lite0") == ["blocks.1", "blocks.2", "blocks.4"]
+
+
+def test_paper_architecture_defaults() -> None:
+    model = MSFlowModel("resnet18", pre_trained=False)
+    assert [len(flow.module_list) for flow in model.parallel_flows] == [2, 5, 8]
+    block = model.parallel_flows[0].module_list[0]
+    assert block.clamp == pytest.approx(1.9)
+    assert block.conditional and block.condition_channels == 64
+    assert model.anomaly_map_generator.top_k == pytest.approx(0.03)
+
+
+def test_parallel_flow_shapes_invertibility_and_log_det() -> None:
+    torch.manual_seed(0)
+    flow = parallel_flow(channels=6, n_blocks=3, condition_channels=4, clamp=1.9)
+    _perturb(flow)
+    features, condition = torch.randn(2, 6, 5, 7), torch.randn(2, 4, 5, 7)
+    latents, log_det = flow(features, c=[condition])
+    assert latents.shape == features.shape
+    assert log_det.shape == (2,)
+    assert torch.isfinite(log_det).all()
+    assert not torch.allclose(latents, features, atol=1e-3)
+    reconstructed, reverse_log_det = flow(latents, c=[condition], rev=True)
+    assert torch.allclose(reconstructed, features, atol=1e-4)
+    assert torch.allclose(reverse_log_det, -log_det, atol=1e-3)
+
+
+def test_fusion_flow_is_invertible_and_its_log_det_is_exact() -> None:
+    torch.manual_seed(0)
+    fusion = FusionFlow([2, 3, 4]).double()
+    _perturb(fusion, scale=0.3)
+    shapes = [(1, 2, 4, 4), (1, 3, 2, 2), (1, 4, 1, 1)]
+    sizes = [torch.Size(shape).numel() for shape in shapes]
+    features = [torch.randn(shape, dtype=torch.float64) for shape in shapes]
+
+    latents, log_det = fusion(features)
+    assert [z.shape for z in latents] == [f.shape for f in features]
+    reconstructed, reverse_log_det = fusion(latents, rev=True)
+    for original, restored in zip(features, reconstructed, strict=True):
+        assert torch.allclose(original, restored, atol=1e-6)
+    assert torch.allclose(reverse_log_det, -log_det)
+
+    def flat_map(flat: torch.Tensor) -> torch.Tensor:
+        parts = [part.view(shape) for part, shape in zip(flat.split(sizes), shapes, strict=True)]
+        return torch.cat([z.flatten() for z in fusion(parts)[0]])
+
+    jacobian = torch.autograd.functional.jacobian(flat_map, torch.cat([f.flatten() for f in features]))
+    assert torch.slogdet(jacobian).logabsdet.item() == pytest.approx(log_det.item(), abs=1e-6)
+
+
+def test_model_encode_decode_round_trip(tiny_model: MSFlowModel) -> None:
+    features = [torch.randn(2, c, s, s) for c, s in zip(tiny_model.feature_extractor.out_dims, (8, 4, 2), strict=True)]
+    latents, log_det = tiny_model.encode(features)
+    assert torch.isfinite(log_det).all()
+    for original, restored in zip(features, tiny_model.decode(latents), strict=True):
+        assert torch.allclose(original, restored, atol=1e-4)
+
+
+def test_forward_train_and_eval_outputs(tiny_model: MSFlowModel) -> None:
+    images = torch.randn(3, 3, 64, 64)
+    tiny_model.train()
+    latents, log_det = tiny_model(images)
+    assert [z.shape[-1] for z in latents] == [8, 4, 2]  # strides 4/8/16, then MSFlow's 3x3/2 average pooling
+    assert log_det.shape == (3,)
+    tiny_model.eval()
+    with torch.no_grad():
+        output = tiny_model(images)
+    assert output.anomaly_map.shape == (3, 1, 64, 64)
+    assert output.pred_score.shape == (3,)
+    assert ((output.pred_score >= 0) & (output.pred_score <= 1)).all()
+
+
+def test_anomaly_map_is_not_normalised_per_image() -> None:
+    generator = AnomalyMapGenerator(top_k=0.03)
+    latent = [torch.randn(1, 4, 8, 8), torch.randn(1, 6, 4, 4)]
+    single_map, _ = generator(latent, (16, 16))
+    batched_map, _ = generator([torch.cat([z, 3 * z]) for z in latent], (16, 16))
+    assert torch.allclose(batched_map[0], single_map[0])
+    assert (batched_map[1] > batched_map[0]).all()  # larger latents are more anomalous in absolute terms
+    expected = sum(
+        torch.nn.functional.interpolate(0.5 * (z**2).mean(1, keepdim=True), size=(16, 16), mode="bilinear", align_corners=False)
+        for z in latent
+    )
+    assert torch.allclose(single_map, expected)
+
+
+def test_image_score_is_mean_of_top_three_percent_of_detection_map() -> None:
+    generator = AnomalyMapGenerator(top_k=0.03)
+    flat = torch.zeros(1, 1, 10, 10)
+    defect = flat.clone()
+    defect[..., :2, :2] = -4.0  # four pixels with a lower log-likelihood
+    scores = generator.image_score(torch.cat([flat, defect]))
+    assert scores[0].item() == pytest.approx(0.0)
+    # 3 % of 100 pixels = 3 pixels, all inside the defect where A = 1 - exp(-4)
+    assert scores[1].item() == pytest.approx(1 - torch.exp(torch.tensor(-4.0)).item())
+    with pytest.raises(ValueError, match="top_k"):
+        AnomalyMapGenerator(top_k=0)
+
+
+def test_loss_is_dimension_normalised_negative_log_likelihood() -> None:
+    latents = [torch.full((2, 2, 2, 2), 2.0), torch.ones(2, 1, 2, 2)]
+    log_det = torch.tensor([3.0, 5.0])
+    dimensions = 8 + 4  # per sample
+    expected = ((0.5 * 4 * 8 + 0.5 * 1 * 4) - (3.0 + 5.0) / 2) / dimensions
+    assert MSFlowLoss()(latents, log_det).item() == pytest.approx(expected)
+
+
+def test_flow_training_reduces_loss(tiny_model: MSFlowModel) -> None:
+    torch.manual_seed(0)
+    model = MSFlowModel("efficientnet_lite0", pre_trained=False, flow_blocks=(1, 1, 1), positional_channels=8)
+    features = model.extract_features(torch.randn(4, 3, 32, 32))
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(parameters, lr=1e-3)
+    loss_function = MSFlowLoss()
+    losses = []
+    for _ in range(15):
+        loss = loss_function(*model.encode(features))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05
+
+
+def test_mismatched_layers_and_blocks_are_rejected() -> None:
+    with pytest.raises(ValueError, match="one flow per feature layer"):
+        MSFlowModel("efficientnet_lite0", pre_trained=False, flow_blocks=(2, 5))
