@@ -39,3 +39,74 @@ def check_images_readable(paths: Iterable[str | Path]) -> None:
         except (OSError, UnidentifiedImageError, SyntaxError) as error:
             msg = f"Cannot read image file {path}: {error}"
             raise ValueError(msg) from error
+
+
+def list_files(folder: Path, extensions: Iterable[str], dataset: str, expected_layout: str) -> list[Path]:
+    """Sorted files of ``folder`` whose suffix is in ``extensions`` (case-insensitive, e.g. ``{".png", ".bmp"}``).
+
+    Hidden files (``.DS_Store``) and sub-folders are skipped; any other file raises :class:`DatasetLayoutError` that
+    names it, so that nothing the user put there is dropped silently.
+    """
+    if not folder.is_dir():
+        msg = f"{dataset}: folder {folder} does not exist. Expected layout:\n{expected_layout}"
+        raise DatasetLayoutError(msg)
+    allowed = {extension.lower() for extension in extensions}
+    files = sorted(path for path in folder.iterdir() if path.is_file() and not path.name.startswith("."))
+    unexpected = [path.name for path in files if path.suffix.lower() not in allowed]
+    if unexpected:
+        msg = (
+            f"{dataset}: unexpected file(s) {', '.join(unexpected[:5])} in {folder} (expected only "
+            f"{', '.join(sorted(allowed))} files). Expected layout:\n{expected_layout}"
+        )
+        raise DatasetLayoutError(msg)
+    return files
+
+
+def pair_images_with_masks(
+    images: Iterable[Path],
+    masks: Iterable[Path],
+    mask_suffix: str,
+    dataset: str,
+    expected_layout: str,
+) -> list[tuple[Path, Path]]:
+    """Match each image to the mask named ``<image stem><mask_suffix>.<any extension>``, one to one.
+
+    Raises :class:`DatasetLayoutError` naming the files for: two images (or two masks) with the same stem (e.g. a
+    half-converted ``001.bmp`` + ``001.png``), an image without a mask, or a mask without an image.
+    """
+
+    def by_stem(paths: Iterable[Path], suffix: str, kind: str) -> dict[str, Path]:
+        index: dict[str, Path] = {}
+        for path in paths:
+            if not path.stem.endswith(suffix):
+                msg = f"{dataset}: {kind} {path} should be named <image name>{suffix}. Expected layout:\n{expected_layout}"
+                raise DatasetLayoutError(msg)
+            stem = path.stem[: len(path.stem) - len(suffix)] if suffix else path.stem
+            if stem in index:
+                msg = f"{dataset}: two {kind}s share the name {stem}: {index[stem]} and {path}. Keep one of them."
+                raise DatasetLayoutError(msg)
+            index[stem] = path
+        return index
+
+    image_index = by_stem(images, "", "image")
+    mask_index = by_stem(masks, mask_suffix, "mask")
+    for kind, missing, present in (("mask", image_index, mask_index), ("image", mask_index, image_index)):
+        orphans = [str(missing[stem]) for stem in sorted(missing.keys() - present.keys())]
+        if orphans:
+            owner = "image" if kind == "mask" else "mask"
+            msg = (
+                f"{dataset}: {len(orphans)} {owner}(s) without a matching {kind}, e.g. {', '.join(orphans[:3])}. "
+                f"Expected layout:\n{expected_layout}"
+            )
+            raise DatasetLayoutError(msg)
+    return [(image_index[stem], mask_index[stem]) for stem in sorted(image_index)]
+
+
+def check_mask_sizes(pairs: Iterable[tuple[str | Path, str | Path]]) -> None:
+    """Raise :class:`ValueError` naming the first (image, mask) pair whose sizes differ (reads headers only)."""
+    for image_path, mask_path in pairs:
+        with Image.open(image_path) as image, Image.open(mask_path) as mask:
+            if image.size != mask.size:
+                width, height = mask.size
+                msg = f"Mask {mask_path} is {width}x{height} but image {image_path} is {image.size[0]}x{image.size[1]}."
+                raise ValueError(msg)
