@@ -54,6 +54,7 @@ def test_unknown_freeze_mode_is_rejected() -> None:
 
 def test_frozen_batchnorm_stays_in_eval_mode_and_frozen_weights_do_not_move() -> None:
     model = DenseHybridADModel(pre_trained=False)
+    assert not model.segmenter.backbone.layer1[0].bn1.training  # already at construction
     model.train()
     frozen_bn = model.segmenter.backbone.bn1
     assert not frozen_bn.training and not model.teacher.training

@@ -117,11 +117,13 @@ class DenseHybridAD(AnomalibModule):
         images, outlier_mask = self.negatives(batch.image, rng, mean, std)
         output = self.model(images)
         terms = self.loss(output.class_logits, output.outlier_logit, outlier_mask, output.teacher_logits)
-        self.log("train_loss", terms.total, on_step=True, on_epoch=True, prog_bar=True)
+        batch_size = images.shape[0]
+        self.log("train_loss", terms.total, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
         self.log_dict(
             {"train_outlier_head": terms.outlier_head, "train_likelihood": terms.likelihood, "train_distillation": terms.distillation},
             on_step=False,
             on_epoch=True,
+            batch_size=batch_size,
         )
         return {"loss": terms.total}
 

@@ -81,10 +81,15 @@ class NegativePaster:
         crop, crop_mask = image[top:bottom, left:right], mask[top:bottom, left:right]
         scale = rng.uniform(*self.size_range) * side / max(crop_mask.shape)
         size = (max(1, round(crop_mask.shape[1] * scale)), max(1, round(crop_mask.shape[0] * scale)))
-        crop_mask = cv2.resize(crop_mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
-        if not crop_mask.any():  # a thin segment can vanish when shrunk: keep its centre pixel
-            crop_mask[crop_mask.shape[0] // 2, crop_mask.shape[1] // 2] = True
-        return cv2.resize(crop, size, interpolation=cv2.INTER_AREA), crop_mask
+        # Mask-weighted resampling: every pasted colour is an average of object pixels only, never of the background.
+        weight = crop_mask.astype(np.float32)
+        resized_weight = cv2.resize(weight, size, interpolation=cv2.INTER_AREA)
+        resized = cv2.resize(crop.astype(np.float32) * weight[..., None], size, interpolation=cv2.INTER_AREA)
+        resized = resized / np.maximum(resized_weight, 1e-6)[..., None]
+        resized_mask = resized_weight >= 0.5
+        if not resized_mask.any():  # a thin segment can vanish when shrunk: keep its strongest pixel
+            resized_mask[np.unravel_index(np.argmax(resized_weight), resized_weight.shape)] = True
+        return np.clip(resized, 0, 255), resized_mask
 
     def __call__(
         self,

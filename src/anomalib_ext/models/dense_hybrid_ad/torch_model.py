@@ -136,6 +136,7 @@ class DenseHybridADModel(nn.Module):
         if distill:
             self.teacher = copy.deepcopy(self._trainable_suffix()).requires_grad_(False).eval()
         image_scores(torch.zeros(1, 1, 2, 2), image_score, top_k)  # validate the image-score options early
+        self.train()  # puts the frozen BatchNorm layers into eval mode from the start
 
     # -- structure --------------------------------------------------------------------------------------------------
     @property
