@@ -15,7 +15,7 @@ import torch
 from skimage.morphology import max_tree
 from torch.nn import functional as F  # noqa: N812
 
-from anomalib_ext.components.nfa import log10_number_of_tests
+from anomalib_ext.components.nfa import latent_scores, log10_number_of_tests
 
 
 class ReferenceTree:
@@ -119,7 +119,7 @@ def reference_segmentation(
     for image_index in range(latents[0].shape[0]):
         scale_maps = []
         for latent in latents:
-            score = latent.detach().double().square().mean(dim=1)[image_index].numpy()
+            score = latent_scores(latent)[image_index]  # the same per-pixel score definition
             tree = ReferenceTree(score, int(latent.shape[1]), clamp_chernoff)
             scale_map = torch.from_numpy(tree.log_pfa_map(score.shape))[None, None]
             scale_maps.append(F.interpolate(scale_map, size=output_size, mode="bilinear", align_corners=False))

@@ -217,28 +217,31 @@ def region_log10_pfa_map(score: np.ndarray, channels: int, clamp_chernoff: bool 
 
 
 def latent_scores(latent: torch.Tensor) -> np.ndarray:
-    """``S(x) = ||z(x)||^2 / C`` for latents ``[B, C, H, W]`` as float64 numpy ``[B, H, W]``."""
-    return latent.detach().to(device="cpu", dtype=torch.float64).square().mean(dim=1).numpy()
+    """``S(x) = ||z(x)||^2 / C`` for latents ``[B, C, H, W]`` as float64 numpy ``[B, H, W]`` (summed in the input dtype)."""
+    return latent.detach().square().mean(dim=1).to(device="cpu", dtype=torch.float64).numpy()
 
 
 def _validate_latents(latents: Sequence[torch.Tensor]) -> None:
     if isinstance(latents, torch.Tensor) or len(latents) == 0:
         msg = "latents must be a non-empty list of per-scale tensors [B, C_l, H_l, W_l]."
         raise ValueError(msg)
-    batch_sizes = set()
     for index, latent in enumerate(latents):
         if not isinstance(latent, torch.Tensor) or latent.ndim != 4 or min(latent.shape) < 1:
             shape = tuple(latent.shape) if isinstance(latent, torch.Tensor) else type(latent).__name__
             msg = f"latents[{index}] must be a non-empty tensor [B, C, H, W], got {shape}."
             raise ValueError(msg)
-        if not bool(torch.isfinite(latent).all()):
-            msg = f"latents[{index}] contains NaN or infinite values; the NFA test needs finite latents."
-            raise ValueError(msg)
-        batch_sizes.add(latent.shape[0])
-    if len(batch_sizes) != 1:
+    if len({latent.shape[0] for latent in latents}) != 1:
         shapes = [tuple(latent.shape) for latent in latents]
         msg = f"All scales must have the same batch size, got shapes {shapes}."
         raise ValueError(msg)
+
+
+def _checked_scores(latent: torch.Tensor, index: int) -> np.ndarray:
+    scores = latent_scores(latent)
+    if not np.isfinite(scores).all():  # NaN and inf propagate into the per-pixel sum of squares
+        msg = f"latents[{index}] contains NaN or infinite values (or values too large to square); the NFA test needs finite latents."
+        raise ValueError(msg)
+    return scores
 
 
 def a_contrario_segmentation(
@@ -265,9 +268,9 @@ def a_contrario_segmentation(
     size = (output_size, output_size) if isinstance(output_size, int) else tuple(int(s) for s in output_size)
     device = latents[0].device
     scale_maps = []
-    for latent in latents:
+    for index, latent in enumerate(latents):
         channels = int(latent.shape[1])
-        scores = latent_scores(latent)
+        scores = _checked_scores(latent, index)
         maps = np.stack([region_log10_pfa_map(score, channels, clamp_chernoff) for score in scores])
         scale_maps.append(F.interpolate(torch.from_numpy(maps)[:, None], size=size, mode="bilinear", align_corners=False))
     log_pfa = torch.cat(scale_maps, dim=1).amin(dim=1)
