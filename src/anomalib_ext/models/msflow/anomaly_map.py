@@ -36,10 +36,14 @@ class AnomalyMapGenerator(nn.Module):
         return 1 - torch.exp(log_likelihood - log_likelihood.flatten(1).amax(dim=1).view(-1, 1, 1, 1))
 
     def image_score(self, log_likelihood: torch.Tensor) -> torch.Tensor:
-        """Mean of the top ``k`` fraction of the detection map, per image."""
-        flat = self.detection_map(log_likelihood).flatten(1)
+        """Mean of the top ``k`` fraction of the detection map, per image.
+
+        ``A`` saturates at 1 where ``max S - S`` exceeds ~17 in float32; computing it in float64 moves that to ~36, so
+        strongly anomalous images keep distinct scores.
+        """
+        flat = self.detection_map(log_likelihood.double()).flatten(1)
         count = max(1, int(flat.shape[1] * self.top_k))
-        return flat.topk(count, dim=1).values.mean(dim=1)
+        return flat.topk(count, dim=1).values.mean(dim=1).to(log_likelihood.dtype)
 
     def forward(self, latents: list[torch.Tensor], image_size: tuple[int, int] | torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(anomaly_map [N, 1, H, W], image_score [N])``."""

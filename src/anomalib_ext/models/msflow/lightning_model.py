@@ -34,6 +34,7 @@ from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn, optim
 from torchvision.transforms.v2 import Normalize
@@ -53,6 +54,8 @@ from .torch_model import DEFAULT_CLAMP, DEFAULT_FLOW_BLOCKS, DEFAULT_POSITIONAL_
 logger = logging.getLogger(__name__)
 
 PAPER_IMAGE_SIZE = (512, 512)
+PRETRAIN_PREFIX = "pretrain_network"
+ENCODER_PREFIX = "model.feature_extractor.feature_extractor"  # the same module as pretrain_network.encoder
 
 
 def _find_normalize(transform: object) -> Normalize | None:
@@ -206,6 +209,13 @@ class MSFlow(AnomalibModule):
                 f"epochs: max_epochs counts both stages (e.g. {self.pretrain_epochs} + 100 = {self.pretrain_epochs + 100})."
             )
             raise ValueError(msg)
+        strategy = self.trainer.strategy
+        if self.pretrain_epochs and isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters"):  # noqa: SLF001
+            msg = (
+                "With pretrain_task each stage leaves the other stage's parameters unused, which plain DDP rejects: use "
+                "`--trainer.strategy ddp_find_unused_parameters_true` (or DDPStrategy(find_unused_parameters=True))."
+            )
+            raise ValueError(msg)
         if self.pretrain_epochs and self.current_epoch < self.pretrain_epochs:
             self.anomaly_generator = SyntheticAnomalyGenerator(
                 self.pretrain_task,  # type: ignore[arg-type]
@@ -255,6 +265,29 @@ class MSFlow(AnomalibModule):
                 metadata={"task": self.pretrain_task, "epochs": str(self.pretrain_epochs)},
             )
             logger.info("Task-pre-trained encoder written to %s", path)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """After pre-training the U-Net is dead weight: checkpoints of the flow stage keep only MSFlow itself."""
+        if not self.in_pretraining():
+            state = checkpoint["state_dict"]
+            for key in [key for key in state if key.startswith(f"{PRETRAIN_PREFIX}.")]:
+                del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Match the checkpoint to this model's pre-training configuration.
+
+        A model without pre-training ignores a checkpoint's U-Net; a model with pre-training that loads a flow-stage
+        checkpoint (no U-Net saved) keeps its fresh decoder and takes the encoder from the checkpoint's extractor.
+        """
+        state = checkpoint["state_dict"]
+        if self.pretrain_network is None:
+            for key in [key for key in state if key.startswith(f"{PRETRAIN_PREFIX}.")]:
+                del state[key]
+            return
+        for key, value in self.state_dict().items():
+            if key.startswith(f"{PRETRAIN_PREFIX}.") and key not in state:
+                shared = key.replace(f"{PRETRAIN_PREFIX}.encoder.", f"{ENCODER_PREFIX}.", 1)
+                state[key] = state.get(shared, value)
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Anomaly maps and scores of the validation batch."""

@@ -1,0 +1,165 @@
+"""MSFlow in Anomalib: stages inside one fit, resume, checkpoint reload, ONNX export, stock CLI and DDP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from anomalib.engine import Engine
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from anomalib_ext.data import Textures
+from anomalib_ext.models import MSFlow
+
+SIZE = 64
+TINY_DATA = {"tile_size": 64, "num_train": 8, "num_test_normal": 4, "num_test_defect": 2}
+TINY_MODEL = ["--model.backbone", "efficientnet_lite0", "--model.flow_blocks", "[1, 2, 2]"]
+
+
+@pytest.fixture
+def single_threaded_subprocesses(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+def _datamodule(root: Path, category: str = "gravel") -> Textures:
+    return Textures(root=root, category=category, **TINY_DATA, train_batch_size=4, eval_batch_size=4, num_workers=0)
+
+
+def _model(**kwargs: object) -> MSFlow:
+    return MSFlow(
+        backbone="efficientnet_lite0",
+        flow_blocks=(1, 2, 2),
+        pre_processor=MSFlow.configure_pre_processor((SIZE, SIZE)),
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def _engine(root: Path, max_epochs: int, **kwargs: object) -> Engine:
+    return Engine(
+        max_epochs=max_epochs,
+        default_root_dir=root,
+        logger=False,
+        enable_progress_bar=False,
+        accelerator="cpu",
+        devices=1,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def test_argument_errors() -> None:
+    with pytest.raises(ValueError, match="pretrain_task must be"):
+        _model(pretrain_task="draem")
+    with pytest.raises(ValueError, match="needs `poisson_source`"):
+        _model(pretrain_task="poisson")
+
+
+def test_pretraining_then_flows_in_one_fit(textures_root: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _model(pretrain_task="cutpaste", pretrain_epochs=1, pretrain_weights_out=str(tmp_path / "encoder.safetensors"))
+    encoder_before = {key: value.clone() for key, value in model.model.encoder.state_dict().items()}
+    flows_before = {key: value.clone() for key, value in model.model.fusion_flow.state_dict().items()}
+    engine = _engine(tmp_path, max_epochs=2)
+    engine.fit(model, datamodule=_datamodule(textures_root))
+    metrics = engine.trainer.callback_metrics
+    assert "pretrain_bce_epoch" in metrics and "train_loss_epoch" in metrics
+    encoder_after = model.model.encoder.state_dict()
+    assert any(not torch.equal(encoder_before[key], encoder_after[key]) for key in encoder_before if key.endswith("weight"))
+    assert any(not torch.equal(flows_before[key], value) for key, value in model.model.fusion_flow.state_dict().items())
+    # the encoder written at the end of pre-training is the one the flows were trained on
+    reloaded = MSFlow(backbone="efficientnet_lite0", backbone_weights=str(tmp_path / "encoder.safetensors"), flow_blocks=(1, 2, 2))
+    for key, value in reloaded.model.encoder.state_dict().items():
+        assert torch.equal(value, encoder_after[key])
+
+
+def test_max_epochs_must_leave_room_for_the_flows(textures_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="counts both stages"):
+        _engine(tmp_path, max_epochs=2).fit(_model(pretrain_task="cutpaste", pretrain_epochs=2), datamodule=_datamodule(textures_root))
+
+
+class _StopAfterFirstEpoch(Callback):
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        del pl_module
+        trainer.should_stop = True
+
+
+def test_poisson_pretraining_resumes_from_a_pretraining_checkpoint(textures_root: Path, tmp_path: Path) -> None:
+    """A run interrupted during pre-training resumes there: pre-training continues, then the flows train."""
+    poisson = {"pretrain_task": "poisson", "pretrain_epochs": 2, "poisson_source": str(textures_root / "brick")}
+    datamodule = _datamodule(textures_root)
+    torch.manual_seed(0)
+    interrupted = _model(**poisson)
+    engine = _engine(tmp_path / "first", max_epochs=3, callbacks=[_StopAfterFirstEpoch()])
+    engine.fit(interrupted, datamodule=datamodule)
+    checkpoint = tmp_path / "interrupted.ckpt"
+    engine.trainer.save_checkpoint(checkpoint)
+    assert engine.trainer.current_epoch == 1 and "train_loss_epoch" not in engine.trainer.callback_metrics
+    saved = {key: value.clone() for key, value in interrupted.state_dict().items()}
+
+    resumed = _model(**poisson)
+    engine = _engine(tmp_path / "second", max_epochs=3)
+    engine.fit(resumed, datamodule=datamodule, ckpt_path=checkpoint)
+    assert engine.trainer.current_epoch == 3
+    assert {"pretrain_bce_epoch", "train_loss_epoch"} <= set(engine.trainer.callback_metrics)  # both stages ran after resume
+    state = resumed.state_dict()
+    encoder_keys = [key for key in state if key.startswith("model.feature_extractor.") and key.endswith("weight")]
+    assert any(not torch.equal(state[key], saved[key]) for key in encoder_keys)  # pre-training went on at epoch 1
+    flow_keys = [key for key in state if key.startswith("model.fusion_flow.")]
+    assert any(not torch.equal(state[key], saved[key]) for key in flow_keys)  # then the flows trained at epoch 2
+
+
+def test_checkpoint_reload_identical_and_onnx_export(textures_root: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _model()
+    engine = _engine(tmp_path, max_epochs=1)
+    datamodule = _datamodule(textures_root)
+    engine.fit(model, datamodule=datamodule)
+    checkpoint = tmp_path / "msflow.ckpt"
+    engine.trainer.save_checkpoint(checkpoint)
+    reloaded = MSFlow.load_from_checkpoint(checkpoint)
+
+    images = torch.rand(3, 3, SIZE, SIZE)
+    model.eval()
+    reloaded.eval()
+    with torch.no_grad():
+        first, second = model(images), reloaded(images)
+    assert torch.equal(first.anomaly_map, second.anomaly_map)
+    assert torch.equal(first.pred_score, second.pred_score)
+    raw = model.model(images)
+    assert raw.anomaly_map.flatten(1).std(dim=1).min() > 0
+
+    onnx_path = model.to_onnx(tmp_path / "export", input_size=(SIZE, SIZE))
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input": images.numpy()}), strict=True))
+    assert np.allclose(outputs["anomaly_map"], first.anomaly_map.numpy(), atol=1e-3)
+    assert np.allclose(outputs["pred_score"], first.pred_score.numpy(), atol=1e-4)
+
+
+@pytest.mark.usefixtures("single_threaded_subprocesses")
+def test_stock_cli_train_then_test(anomalib_cli, tiny_textures_args, resize_pre_processor, tmp_path: Path) -> None:
+    common = ["--model", "MSFlow", *TINY_MODEL, "--model.pre_processor", resize_pre_processor(SIZE)]
+    anomalib_cli(
+        "train", *common, "--model.pretrain_task", "cutpaste", "--model.pretrain_epochs", "1", *tiny_textures_args("gravel"),
+        "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2", "--default_root_dir", str(tmp_path / "train"),
+    )  # fmt: skip
+    checkpoints = sorted((tmp_path / "train").rglob("*.ckpt"))
+    assert checkpoints
+    result = anomalib_cli(
+        "test", *common, *tiny_textures_args("gravel"), "--ckpt_path", str(checkpoints[-1]), "--default_root_dir", str(tmp_path / "test"),
+    )  # fmt: skip
+    assert "pixel_AUROC" in result.stdout + result.stderr
+
+
+@pytest.mark.usefixtures("single_threaded_subprocesses")
+def test_ddp_smoke(anomalib_cli, tiny_textures_args, resize_pre_processor, tmp_path: Path) -> None:
+    """Two CPU processes (gloo) through pre-training and flow training; unused-stage parameters need find_unused."""
+    anomalib_cli(
+        "fit", "--model", "MSFlow", *TINY_MODEL, "--model.pre_processor", resize_pre_processor(SIZE),
+        "--model.pretrain_task", "cutpaste", "--model.pretrain_epochs", "1", *tiny_textures_args("gravel"),
+        "--trainer.max_epochs", "2", "--trainer.strategy", "ddp_find_unused_parameters_true", "--trainer.devices", "2",
+        "--trainer.accelerator", "cpu", "--trainer.limit_train_batches", "1", "--default_root_dir", str(tmp_path),
+    )  # fmt: skip
+    assert list(tmp_path.rglob("*.ckpt"))
