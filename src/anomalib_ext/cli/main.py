@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 SUBCOMMANDS: dict[str, str] = {
     "demo": "anomalib_ext.cli.demo",
+    "pretrain": "anomalib_ext.cli.pretrain",
 }
 
 

@@ -13,22 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
-from anomalib_ext.components.task_pretraining import (
-    PRETRAIN_TASKS,
-    NormalImageFolder,
-    SyntheticAnomalyGenerator,
-    build_segmentation_unet,
-    pretrain_segmentation,
-    save_encoder_weights,
-)
+TASKS = ("cutpaste", "poisson")  # anomalib_ext.components.task_pretraining.PRETRAIN_TASKS, kept import-free for --help
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the ``pretrain`` sub-command."""
     parser.description = "Task-specific pre-training (U-Net on CutPaste / Poisson synthetic anomalies); writes the encoder weights."
-    parser.add_argument("--task", choices=PRETRAIN_TASKS, required=True, help="synthetic-anomaly task")
+    parser.add_argument("--task", choices=TASKS, required=True, help="synthetic-anomaly task")
     parser.add_argument("--normal-images", required=True, help="folder of defect-free training images (searched recursively)")
     parser.add_argument("--output", required=True, help="weights file to write (.safetensors, timm keys)")
     parser.add_argument("--poisson-source", help="folder of defect images with masks (MVTec category, images/+masks/, <stem>_mask)")
@@ -45,11 +36,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--poisson-mode", choices=("normal", "mixed"), default="normal")
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Pre-train and write the weights file; a usage problem is reported on stderr with exit code 2."""
+    import torch
+
+    from anomalib_ext.components.task_pretraining import (
+        NormalImageFolder,
+        SyntheticAnomalyGenerator,
+        build_segmentation_unet,
+        pretrain_segmentation,
+        save_encoder_weights,
+    )
+
     if args.task == "poisson" and not args.poisson_source:
         print("error: --task poisson needs --poisson-source (a folder of defect images with masks)", file=sys.stderr)  # noqa: T201
         return 2
@@ -83,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         drop_last=len(dataset) > args.batch_size,
     )
-    history = pretrain_segmentation(network, loader, generator, args.epochs, lr=args.lr, device=args.device)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    history = pretrain_segmentation(network, loader, generator, args.epochs, lr=args.lr, device=device)
     path = save_encoder_weights(
         network.encoder.cpu(),
         args.output,
