@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 SUBCOMMANDS: dict[str, str] = {
+    "compare": "anomalib_ext.cli.compare",
     "demo": "anomalib_ext.cli.demo",
     "pretrain": "anomalib_ext.cli.pretrain",
 }
