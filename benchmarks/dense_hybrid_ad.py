@@ -84,7 +84,12 @@ def run(name: str, category: str, args: argparse.Namespace, root: Path, work: Pa
     )
     datamodule.prepare_data()
     datamodule.setup()
-    engine_args = {"default_root_dir": work / name.replace("/", "_") / category, "accelerator": "cpu", "devices": 1, "logger": False}
+    engine_args = {
+        "default_root_dir": work / name.replace("/", "_") / category,
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+    }
     if name == "Padim":
         model = Padim(
             backbone="efficientnet_lite0.anomalib_ext",
@@ -120,8 +125,12 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=40, help="DenseHybridAD optimiser steps")
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--segmenter-weights", type=Path, default=None, help="local DeepLabV3-ResNet50 weights (default: random init)")
-    parser.add_argument("--negative-source", type=Path, default=None, help="negatives folder (default: procedural shapes)")
+    parser.add_argument(
+        "--segmenter-weights", type=Path, default=None, help="local DeepLabV3-ResNet50 weights (default: random init)"
+    )
+    parser.add_argument(
+        "--negative-source", type=Path, default=None, help="negatives folder (default: procedural shapes)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--root", type=Path, default=None, help="Textures root (default: a temporary folder)")
@@ -142,7 +151,9 @@ def main() -> None:
         print(f"| {key} | " + " | ".join(str(row.get(column, "")) for column in columns) + " |")
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2))
+        args.output.write_text(
+            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2)
+        )
 
 
 if __name__ == "__main__":

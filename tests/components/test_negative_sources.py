@@ -29,7 +29,10 @@ def _write_rgb(path: Path, image: np.ndarray) -> None:
 @pytest.fixture
 def scene_parsing_root(tmp_path: Path) -> Path:
     root = tmp_path / "ADEChallengeData2016"
-    for split, stems in (("training", ["ADE_train_00000001", "ADE_train_00000002"]), ("validation", ["ADE_val_00000001"])):
+    for split, stems in (
+        ("training", ["ADE_train_00000001", "ADE_train_00000002"]),
+        ("validation", ["ADE_val_00000001"]),
+    ):
         for index, stem in enumerate(stems):
             image, labels = _scene(index)
             _write_rgb(root / "images" / split / f"{stem}.png", image)  # png keeps pixels exact for the checks

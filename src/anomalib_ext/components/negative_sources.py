@@ -86,7 +86,10 @@ class ADE20KSource(MaskedImageSource):
         pairs = []
         for seg in sorted(self.root.rglob(f"*{FULL_ADE20K_SEG_SUFFIX}.png")):
             stem = seg.stem.removesuffix(FULL_ADE20K_SEG_SUFFIX)
-            image = next((seg.with_name(stem + suffix) for suffix in (".jpg", ".png") if seg.with_name(stem + suffix).is_file()), None)
+            image = next(
+                (seg.with_name(stem + suffix) for suffix in (".jpg", ".png") if seg.with_name(stem + suffix).is_file()),
+                None,
+            )
             if image is None:
                 msg = f"ADE20K segmentation {seg} has no image: expected {seg.with_name(stem + '.jpg')}."
                 raise FileNotFoundError(msg)

@@ -17,34 +17,76 @@ TINY = {"tile_size": 64, "num_train": 8, "num_test_normal": 4, "num_test_defect"
 FAST = ["--data.train_batch_size", "2", "--trainer.limit_train_batches", "2", "--trainer.max_epochs", "1"]
 
 
-def test_stock_cli_train_then_test(anomalib_cli, tiny_textures_args, resize_pre_processor, textures_root: Path, tmp_path: Path) -> None:
+def test_stock_cli_train_then_test(
+    anomalib_cli, tiny_textures_args, resize_pre_processor, textures_root: Path, tmp_path: Path
+) -> None:
     # negatives: the brick category's defect masks (MVTec layout) pasted into gravel
-    common = ["--model", "DenseHybridAD", "--model.pre_trained", "false", "--model.pre_processor", resize_pre_processor(64)]
+    common = [
+        "--model",
+        "DenseHybridAD",
+        "--model.pre_trained",
+        "false",
+        "--model.pre_processor",
+        resize_pre_processor(64),
+    ]
     train_args = ["--model.negative_source", str(textures_root / "brick"), *tiny_textures_args("gravel"), *FAST]
     anomalib_cli("train", *common, *train_args, "--default_root_dir", str(tmp_path / "train"))
     checkpoints = list((tmp_path / "train").rglob("*.ckpt"))
     assert len(checkpoints) == 1
-    result = anomalib_cli("test", *common, *tiny_textures_args("gravel"), "--ckpt_path", str(checkpoints[0]), "--default_root_dir", str(tmp_path / "test"))
+    result = anomalib_cli(
+        "test",
+        *common,
+        *tiny_textures_args("gravel"),
+        "--ckpt_path",
+        str(checkpoints[0]),
+        "--default_root_dir",
+        str(tmp_path / "test"),
+    )
     assert "pixel_AUROC" in result.stdout
     assert list((tmp_path / "test").rglob("images/**/*.png"))  # stock visualizer panels
 
 
-def test_training_step_moves_only_trainable_parameters_and_checkpoint_reload_is_identical(textures_root: Path, tmp_path: Path) -> None:
+def test_training_step_moves_only_trainable_parameters_and_checkpoint_reload_is_identical(
+    textures_root: Path, tmp_path: Path
+) -> None:
     torch.manual_seed(0)
-    model = DenseHybridAD(pre_trained=False, negative_shape="rectangle", pre_processor=DenseHybridAD.configure_pre_processor(SIZE), visualizer=False)
+    model = DenseHybridAD(
+        pre_trained=False,
+        negative_shape="rectangle",
+        pre_processor=DenseHybridAD.configure_pre_processor(SIZE),
+        visualizer=False,
+    )
     initial = {name: value.clone() for name, value in model.model.state_dict().items()}
-    datamodule = Textures(root=textures_root, category="gravel", num_workers=0, train_batch_size=2, eval_batch_size=4, **TINY)
-    engine = Engine(default_root_dir=tmp_path, max_epochs=1, limit_train_batches=2, accelerator="cpu", devices=1, logger=False)
+    datamodule = Textures(
+        root=textures_root, category="gravel", num_workers=0, train_batch_size=2, eval_batch_size=4, **TINY
+    )
+    engine = Engine(
+        default_root_dir=tmp_path, max_epochs=1, limit_train_batches=2, accelerator="cpu", devices=1, logger=False
+    )
     engine.fit(model=model, datamodule=datamodule)
-    changed = {".".join(name.split(".")[:3]) for name, value in model.model.state_dict().items() if not torch.equal(initial[name], value)}
+    changed = {
+        ".".join(name.split(".")[:3])
+        for name, value in model.model.state_dict().items()
+        if not torch.equal(initial[name], value)
+    }
     # freeze="all": only the final BN-ReLU-Conv of both heads moves (weights and BN running statistics)
-    assert changed == {"segmenter.classifier.2", "segmenter.classifier.4", "outlier_head.0.weight", "outlier_head.0.bias",
-                       "outlier_head.0.running_mean", "outlier_head.0.running_var", "outlier_head.0.num_batches_tracked",
-                       "outlier_head.2.weight", "outlier_head.2.bias"}
+    assert changed == {
+        "segmenter.classifier.2",
+        "segmenter.classifier.4",
+        "outlier_head.0.weight",
+        "outlier_head.0.bias",
+        "outlier_head.0.running_mean",
+        "outlier_head.0.running_var",
+        "outlier_head.0.num_batches_tracked",
+        "outlier_head.2.weight",
+        "outlier_head.2.bias",
+    }
 
     checkpoint = tmp_path / "reload.ckpt"
     engine.trainer.save_checkpoint(checkpoint)
-    reloaded = DenseHybridAD.load_from_checkpoint(checkpoint, pre_processor=DenseHybridAD.configure_pre_processor(SIZE)).eval()
+    reloaded = DenseHybridAD.load_from_checkpoint(
+        checkpoint, pre_processor=DenseHybridAD.configure_pre_processor(SIZE)
+    ).eval()
     assert reloaded.hparams.negative_shape == "rectangle" and not reloaded.hparams.pre_trained
     model.eval()
     image = torch.rand(2, 3, 80, 80)
@@ -56,11 +98,15 @@ def test_training_step_moves_only_trainable_parameters_and_checkpoint_reload_is_
 
 def test_onnx_export_matches_torch(tmp_path: Path) -> None:
     onnx = pytest.importorskip("onnxruntime")
-    model = DenseHybridAD(pre_trained=False, pre_processor=DenseHybridAD.configure_pre_processor(SIZE), visualizer=False).eval()
+    model = DenseHybridAD(
+        pre_trained=False, pre_processor=DenseHybridAD.configure_pre_processor(SIZE), visualizer=False
+    ).eval()
     onnx_path = model.to_onnx(tmp_path / "export", input_size=SIZE)
     session = onnx.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     probe = torch.rand(1, 3, *SIZE)
-    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input": probe.numpy()}), strict=True))
+    outputs = dict(
+        zip([o.name for o in session.get_outputs()], session.run(None, {"input": probe.numpy()}), strict=True)
+    )
     with torch.no_grad():
         torch_output = model(probe)
     np.testing.assert_allclose(outputs["anomaly_map"], torch_output.anomaly_map.numpy(), atol=1e-4)
@@ -70,8 +116,22 @@ def test_onnx_export_matches_torch(tmp_path: Path) -> None:
 
 def test_ddp_smoke(anomalib_cli, tiny_textures_args, resize_pre_processor, tmp_path: Path) -> None:
     anomalib_cli(
-        "fit", "--model", "DenseHybridAD", "--model.pre_trained", "false", "--model.pre_processor", resize_pre_processor(64),
-        *tiny_textures_args("gravel"), *FAST, "--trainer.strategy", "ddp", "--trainer.devices", "2",
-        "--trainer.accelerator", "cpu", "--default_root_dir", str(tmp_path),
+        "fit",
+        "--model",
+        "DenseHybridAD",
+        "--model.pre_trained",
+        "false",
+        "--model.pre_processor",
+        resize_pre_processor(64),
+        *tiny_textures_args("gravel"),
+        *FAST,
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
+        "--trainer.accelerator",
+        "cpu",
+        "--default_root_dir",
+        str(tmp_path),
     )
     assert list(tmp_path.rglob("*.ckpt"))

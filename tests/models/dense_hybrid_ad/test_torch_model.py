@@ -144,7 +144,9 @@ def test_anchored_loss_stays_finite_and_bounded_below_with_unfrozen_bias(model: 
 
 def test_bare_paper_loss_drifts_without_bound(model: DenseHybridADModel) -> None:
     """The same run with both anchors off (exact Eq. 1) falls through the anchored bound: the anchors matter."""
-    losses, lower_bound = _drift_run(model, DenseHybridLoss(beta=PAPER_BETA, inlier_likelihood=False, distillation_weight=0))
+    losses, lower_bound = _drift_run(
+        model, DenseHybridLoss(beta=PAPER_BETA, inlier_likelihood=False, distillation_weight=0)
+    )
     assert losses[-1] < lower_bound - 1.0
     assert losses[-1] < losses[len(losses) // 2] - 0.5  # still falling
 
@@ -159,7 +161,9 @@ def test_loss_terms_match_equation() -> None:
     inl, out = ~mask[0], mask[0]
     expected_head = -F.logsigmoid(-z)[inl].mean() - 0.5 * F.logsigmoid(z)[out].mean()
     expected_likelihood = 0.5 * (lse[out].mean() - lse[inl].mean())
-    kl = F.kl_div(logits.log_softmax(1), teacher.log_softmax(1), log_target=True, reduction="none").sum(1)[0][inl].mean()
+    kl = (
+        F.kl_div(logits.log_softmax(1), teacher.log_softmax(1), log_target=True, reduction="none").sum(1)[0][inl].mean()
+    )
     assert torch.allclose(terms.outlier_head, expected_head)
     assert torch.allclose(terms.likelihood, expected_likelihood)
     assert torch.allclose(terms.distillation, kl, atol=1e-6)

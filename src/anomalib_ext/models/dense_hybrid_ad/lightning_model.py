@@ -84,7 +84,9 @@ class DenseHybridAD(AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        super().__init__(pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator, visualizer=visualizer)
+        super().__init__(
+            pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator, visualizer=visualizer
+        )
         self.save_hyperparameters(ignore=["pre_processor", "post_processor", "evaluator", "visualizer"])
         self.negatives = NegativePaster(negative_source, negative_shape, negative_size, negative_split)
         self.model = DenseHybridADModel(
@@ -97,7 +99,9 @@ class DenseHybridAD(AnomalibModule):
             image_score=image_score,
             top_k=top_k,
         )
-        self.loss = DenseHybridLoss(beta=beta, inlier_likelihood=inlier_likelihood, distillation_weight=distillation_weight)
+        self.loss = DenseHybridLoss(
+            beta=beta, inlier_likelihood=inlier_likelihood, distillation_weight=distillation_weight
+        )
         self.learning_rate = learning_rate
 
     def _normalisation(self) -> tuple[Sequence[float] | None, Sequence[float] | None]:
@@ -120,7 +124,11 @@ class DenseHybridAD(AnomalibModule):
         batch_size = images.shape[0]
         self.log("train_loss", terms.total, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
         self.log_dict(
-            {"train_outlier_head": terms.outlier_head, "train_likelihood": terms.likelihood, "train_distillation": terms.distillation},
+            {
+                "train_outlier_head": terms.outlier_head,
+                "train_likelihood": terms.likelihood,
+                "train_distillation": terms.distillation,
+            },
             on_step=False,
             on_epoch=True,
             batch_size=batch_size,

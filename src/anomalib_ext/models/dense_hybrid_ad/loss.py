@@ -54,7 +54,9 @@ class DenseHybridLoss(nn.Module):
         distillation_weight: weight of the cross-entropy to the frozen initial segmenter on normal pixels (0 disables).
     """
 
-    def __init__(self, beta: float = PAPER_BETA, inlier_likelihood: bool = True, distillation_weight: float = 1.0) -> None:
+    def __init__(
+        self, beta: float = PAPER_BETA, inlier_likelihood: bool = True, distillation_weight: float = 1.0
+    ) -> None:
         super().__init__()
         if beta < 0 or distillation_weight < 0:
             msg = f"beta and distillation_weight must be non-negative, got {beta} and {distillation_weight}."
@@ -95,7 +97,9 @@ class DenseHybridLoss(nn.Module):
                 raise ValueError(msg)
             # KL(teacher || model): the cross-entropy minus the teacher's (constant) entropy, so 0 at the start.
             teacher_log_posterior = teacher_logits.log_softmax(dim=1)
-            divergence = (teacher_log_posterior.exp() * (teacher_log_posterior - class_logits.log_softmax(dim=1))).sum(dim=1)
+            divergence = (teacher_log_posterior.exp() * (teacher_log_posterior - class_logits.log_softmax(dim=1))).sum(
+                dim=1
+            )
             distillation = _masked_mean(divergence, inlier)
 
         total = outlier_head + likelihood + self.distillation_weight * distillation

@@ -60,6 +60,11 @@ class NegativePaster:
         self.size_range = (low, high)
         self.segments = SegmentSource(source, split) if source is not None else None
 
+    def _rectangle(self, side: int, rng: np.random.Generator) -> np.ndarray:
+        """A filled rectangle mask whose sides are drawn from ``size_range`` of ``side``."""
+        patch_h, patch_w = (max(1, round(extent)) for extent in rng.uniform(*self.size_range, size=2) * side)
+        return np.ones((patch_h, patch_w), dtype=bool)
+
     def _draw(self, height: int, width: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """A source image and the bool mask of the region to paste, already at its pasting size."""
         side = min(height, width)
@@ -67,14 +72,12 @@ class NegativePaster:
             content = smooth_colour_noise((height, width), rng)
             if self.shape == "mask":
                 return content, random_shape_mask((height, width), rng, self.size_range)
-            size = rng.uniform(*self.size_range, size=2) * side
-            patch_h, patch_w = max(1, round(size[0])), max(1, round(size[1]))
-            return content[:patch_h, :patch_w], np.ones((patch_h, patch_w), dtype=bool)
+            rectangle = self._rectangle(side, rng)
+            return content[: rectangle.shape[0], : rectangle.shape[1]], rectangle
         if self.shape == "rectangle":
             image = read_rgb(self.segments.source.pairs[int(rng.integers(len(self.segments)))][0])
-            size = rng.uniform(*self.size_range, size=2) * side
-            patch_h, patch_w = max(1, round(size[0])), max(1, round(size[1]))
-            return cv2.resize(image, (patch_w, patch_h), interpolation=cv2.INTER_AREA), np.ones((patch_h, patch_w), dtype=bool)
+            rectangle = self._rectangle(side, rng)
+            return cv2.resize(image, rectangle.shape[::-1], interpolation=cv2.INTER_AREA), rectangle
         image, mask = self.segments.sample(rng)
         rows, cols = np.nonzero(mask)
         top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1

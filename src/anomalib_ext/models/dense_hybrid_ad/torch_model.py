@@ -182,7 +182,9 @@ class DenseHybridADModel(nn.Module):
         return self
 
     # -- forward ----------------------------------------------------------------------------------------------------
-    def _teacher_logits(self, images: torch.Tensor, backbone_features: torch.Tensor, decoder_features: torch.Tensor) -> torch.Tensor:
+    def _teacher_logits(
+        self, images: torch.Tensor, backbone_features: torch.Tensor, decoder_features: torch.Tensor
+    ) -> torch.Tensor:
         assert self.teacher is not None  # noqa: S101 - only called when distilling
         with torch.no_grad():
             if self.freeze == "all":
@@ -214,4 +216,6 @@ class DenseHybridADModel(nn.Module):
         if self.training:
             return output
         anomaly_map = anomaly_score_map(output.class_logits, output.outlier_logit)
-        return InferenceBatch(pred_score=image_scores(anomaly_map, self.image_score, self.top_k), anomaly_map=anomaly_map)
+        return InferenceBatch(
+            pred_score=image_scores(anomaly_map, self.image_score, self.top_k), anomaly_map=anomaly_map
+        )
