@@ -249,6 +249,7 @@ def make_crack500_dataset(
         tiles = tiles[keep].reset_index(drop=True)
         tiles.attrs["excluded_crack_tiles"] = excluded
     tiles.attrs["task"] = "segmentation"
+    tiles.attrs["description"] = f"{release} release, {folder}, {grid_size}x{grid_size} grid"
     return tiles
 
 
@@ -367,4 +368,18 @@ class Crack500(AnomalibDataModule):
             for label in ("good", "crack")
         }
         self.tile_counts["train_crack_excluded"] = self.train_data.samples.attrs["excluded_crack_tiles"]
-        logger.info("Crack500 tiles (%s): %s", self.protocol, self.tile_counts)
+        counts = self.tile_counts
+        logger.info(
+            "Crack500 (%s, first %d photographs for training): train %d normal + %d crack tiles (%d crack tiles left "
+            "out), test %d normal + %d crack tiles%s",
+            self.train_data.samples.attrs["description"],
+            self.protocol["num_train_images"],
+            counts["train_good"],
+            counts["train_crack"],
+            counts["train_crack_excluded"],
+            counts["test_good"],
+            counts["test_crack"],
+            f", validation {counts['val_good']} normal + {counts['val_crack']} crack tiles"
+            if "val" in datasets
+            else "",
+        )
