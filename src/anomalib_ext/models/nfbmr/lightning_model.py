@@ -214,18 +214,20 @@ class NFBMR(AnomalibModule):
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         optimizer = optimizers[stage - 1]
+        batch_size = len(batch.image)
         source = self.model.extract(batch.image)
         if stage == TNF_STAGE:
             target, log_jacobian = self.model.encode(source)
             loss = self.flow_loss(target, log_jacobian)
-            self.log("tnf_nll", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, logger=True)
+            self.log("tnf_nll", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
         else:
             with torch.no_grad():
                 target, _ = self.model.encode(source)
             loss, source_loss, target_loss = self.mapping_loss(*self.model.map(source, target))
-            self.log("bmr_loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, logger=True)
-            self.log_dict({"bmr_loss_source": source_loss.detach(), "bmr_loss_target": target_loss.detach()}, on_epoch=True)
-        self.log("stage", float(stage), on_step=True, on_epoch=False, prog_bar=True, logger=True)
+            self.log("bmr_loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
+            losses = {"bmr_loss_source": source_loss.detach(), "bmr_loss_target": target_loss.detach()}
+            self.log_dict(losses, on_epoch=True, batch_size=batch_size)
+        self.log("stage", float(stage), on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
         optimizer.zero_grad()
         self.manual_backward(loss + self._idle_parameter_tie(stage))
         optimizer.step()
