@@ -18,8 +18,10 @@ from anomalib_ext.cli.compare import (
     cell_arguments,
     cell_fingerprint,
     grid_cells,
+    is_finished,
     load_grid,
     run_grid,
+    source_hash,
 )
 
 BROKEN_BACKBONE = "no_such_backbone_for_compare_test"
@@ -164,6 +166,45 @@ def test_cell_arguments_precedence_and_fingerprint(tmp_path: Path, tiny_grid: di
     assert before != cell_fingerprint(grid, cells[1])
     config.write_text("model:\n  class_path: anomalib.models.Padim\n  init_args: {n_features: 4}\n")
     assert cell_fingerprint(grid, cells[0]) != before  # an edited config file recomputes the cell
+
+
+def test_only_runs_the_named_models_and_reports_the_others_from_disk(tmp_path: Path, tiny_grid: dict) -> None:
+    grid = load_grid(_write_grid(tmp_path / "spec", tiny_grid))
+    with pytest.raises(GridSpecError, match="unknown models"):
+        run_grid(grid, tmp_path / "out", only=["NoSuchModel"])
+    padim_cell, broken_cell = grid_cells(grid)
+    finished = {
+        "status": "ok",
+        "fingerprint": cell_fingerprint(grid, padim_cell),
+        "source_dirs": [],
+        "source_hash": source_hash([]),
+        "metrics": {"image_AUROC": 0.75},
+    }
+    for cell, result in ((padim_cell, finished), (broken_cell, {"status": "failed", "error": "an earlier run"})):
+        cell.directory(tmp_path / "out").mkdir(parents=True)
+        (cell.directory(tmp_path / "out") / "result.json").write_text(json.dumps(result))
+    lines: list[str] = []
+
+    rows = run_grid(grid, tmp_path / "out", only=["PaDiM"], log=lines.append)  # starts no process
+
+    assert lines == ["[1/2] PaDiM / TinyTextures / gravel / seed 0: done before, skipped, image AUROC 0.750"]
+    assert [(row["model"], row["status"], row["image_AUROC"]) for row in rows] == [
+        ("PaDiM", "ok", 0.75),
+        ("Broken", "failed", None),
+    ]
+    assert "| Broken | TinyTextures | gravel | 0 |" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_finished_cell_is_recomputed_when_its_model_source_changes(tmp_path: Path) -> None:
+    package = tmp_path / "my_model"
+    package.mkdir()
+    (package / "torch_model.py").write_text("WIDTH = 1\n")
+    result = {"status": "ok", "fingerprint": "f", "source_dirs": [str(package)], "source_hash": source_hash([package])}
+    assert is_finished(result, "f")
+    assert not is_finished(result, "other settings")
+    assert not is_finished({**result, "status": "failed"}, "f")
+    (package / "torch_model.py").write_text("WIDTH = 2\n")
+    assert not is_finished(result, "f")
 
 
 @pytest.mark.parametrize(

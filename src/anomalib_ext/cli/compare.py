@@ -310,6 +310,32 @@ def _number(value: Any) -> float | None:  # noqa: ANN401
     return number if math.isfinite(number) else None
 
 
+def model_source_dirs(model_class: type) -> list[Path]:
+    """Folders whose Python sources define ``model_class``'s behaviour: its own package folder, plus the shared
+    ``components`` and ``metrics`` of anomalib-ext for plugin models."""
+    module = sys.modules[model_class.__module__]
+    folders = [Path(module.__file__).resolve().parent]
+    if model_class.__module__.startswith("anomalib_ext."):
+        package = Path(sys.modules["anomalib_ext"].__file__).resolve().parent
+        folders += [package / "components", package / "metrics"]
+    return folders
+
+
+def source_hash(folders: Sequence[str | Path]) -> str:
+    """Hash of the ``*.py`` files under ``folders`` (names and contents); a missing folder hashes as empty."""
+    digest = hashlib.sha256()
+    for folder in map(Path, folders):
+        for path in sorted(folder.rglob("*.py")) if folder.is_dir() else []:
+            digest.update(str(path.relative_to(folder)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _plain(value: Any) -> Any:  # noqa: ANN401
+    """A jsonargparse Namespace as nested dicts (other values unchanged)."""
+    return value.as_dict() if hasattr(value, "as_dict") else value
+
+
 def summarize_error(text: str) -> str:
     """One line for the tables; jsonargparse's "Does not validate against any of the Union subtypes" is reduced to
     the underlying errors (the constructor's own message), without the dump of the given value."""
@@ -351,8 +377,12 @@ def run_cell_worker(job_file: Path) -> int:
         cli = AnomalibCLI(arguments, run=False)
         model, datamodule, engine = cli.model, cli.datamodule, cli.engine
         _with_standard_metrics(model)
-        result["model_class"] = f"{type(model).__module__}.{type(model).__qualname__}"
-        result["datamodule_class"] = f"{type(datamodule).__module__}.{type(datamodule).__qualname__}"
+        result["source_dirs"] = [str(folder) for folder in model_source_dirs(type(model))]
+        result["source_hash"] = source_hash(result["source_dirs"])
+        resolved = cli.config[cli.subcommand]
+        result["resolved"] = json.loads(
+            json.dumps({key: _plain(resolved.get(key)) for key in ("model", "data", "trainer")}, default=str)
+        )
         start = time.perf_counter()
         engine.fit(model=model, datamodule=datamodule)
         result["fit_seconds"] = time.perf_counter() - start
@@ -483,12 +513,22 @@ def read_result(directory: Path) -> dict[str, Any] | None:
         return None
 
 
+def is_finished(result: dict[str, Any] | None, fingerprint: str) -> bool:
+    """A cell is done when it succeeded with the same settings and its model's source code is unchanged since."""
+    return bool(
+        result
+        and result.get("status") == "ok"
+        and result.get("fingerprint") == fingerprint
+        and result.get("source_hash") == source_hash(result.get("source_dirs", []))
+    )
+
+
 def run_cell(grid: GridSpec, cell: Cell, output: Path, force: bool = False) -> tuple[dict[str, Any], bool]:
     """Run one cell in a subprocess unless it already finished with the same fingerprint; returns (result, skipped)."""
     directory = cell.directory(output)
     fingerprint = cell_fingerprint(grid, cell)
     previous = read_result(directory)
-    if not force and previous and previous.get("status") == "ok" and previous.get("fingerprint") == fingerprint:
+    if not force and is_finished(previous, fingerprint):
         return previous, True
     directory.mkdir(parents=True, exist_ok=True)
     for stale in (RESULT_FILE, EXAMPLES_FILE):
@@ -582,7 +622,7 @@ def write_reports(grid: GridSpec, rows: list[dict[str, Any]], output: Path) -> d
     for row in rows:
         values = [_format(row[column], column) for column in columns]
         if row["status"] != "ok":
-            values[-1] = " ".join(f"{row['status']}: {row['error']}".split())[:240]
+            values[-1] = " ".join(f"{row['status']}: {row['error']}".split())[:240] if row["error"] else row["status"]
         table_rows.append(values)
     header = [METRIC_LABELS.get(column, column) for column in columns]
     ok = frame[frame["status"] == "ok"]
@@ -740,12 +780,29 @@ def _write_map_figures(grid: GridSpec, output: Path) -> dict[str, Path]:
     return written
 
 
-def run_grid(grid: GridSpec, output: Path | None = None, force: bool = False, log=print) -> list[dict[str, Any]]:  # noqa: ANN001
-    """Run every cell (resuming finished ones), write the reports after each cell, return the result rows."""
+def run_grid(
+    grid: GridSpec,
+    output: Path | None = None,
+    force: bool = False,
+    only: Sequence[str] | None = None,
+    log=print,  # noqa: ANN001
+) -> list[dict[str, Any]]:
+    """Run every cell (resuming finished ones), write the reports after each cell, return the result rows.
+
+    ``only``: names of the models whose cells run; the other cells are reported from what is on disk.
+    """
     output = Path(output or grid.output)
+    unknown = set(only or ()) - {model.name for model in grid.models}
+    if unknown:
+        msg = f"--only names unknown models {sorted(unknown)}; the grid has {[model.name for model in grid.models]}."
+        raise GridSpecError(msg)
     cells = grid_cells(grid)
     rows: list[dict[str, Any]] = []
     for number, cell in enumerate(cells, start=1):
+        if only and cell.model.name not in only:
+            result = read_result(cell.directory(output)) or {"status": "not run"}
+            rows.append(result_row(cell, result))
+            continue
         result, skipped = run_cell(grid, cell, output, force=force)
         rows.append(result_row(cell, result))
         if skipped:
@@ -770,6 +827,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", type=Path, default=None, help="results folder (default: the spec's `output`)")
     parser.add_argument("--force", action="store_true", help="recompute cells that already finished")
     parser.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated model names: run only their cells (the others are reported as on disk)",
+    )
+    parser.add_argument(
         "--dry-run", action="store_true", help="print each cell's equivalent `anomalib train` command and stop"
     )
 
@@ -781,7 +843,8 @@ def run(args: argparse.Namespace) -> int:
         for cell in grid_cells(grid):
             print(f"# {cell.label}\nanomalib train {shlex.join(cell_arguments(grid, cell))}")
         return 0
-    rows = run_grid(grid, output, force=args.force)
+    only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
+    rows = run_grid(grid, output, force=args.force, only=only)
     failed = sum(row["status"] != "ok" for row in rows)
     print(f"\n{len(rows) - failed}/{len(rows)} cells ok. Table: {output / 'results.md'}, plots: {output / 'plots'}")
     return 0
