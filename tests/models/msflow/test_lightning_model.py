@@ -110,8 +110,9 @@ def test_poisson_pretraining_resumes_from_a_pretraining_checkpoint(textures_root
 
 
 def test_checkpoint_reload_identical_and_onnx_export(textures_root: Path, tmp_path: Path) -> None:
+    """With ``use_nfa_mask``: the reloaded model gives identical maps, scores and NFA masks; ONNX leaves the NFA out."""
     torch.manual_seed(0)
-    model = _model()
+    model = _model(use_nfa_mask=True)
     engine = _engine(tmp_path, max_epochs=1)
     datamodule = _datamodule(textures_root)
     engine.fit(model, datamodule=datamodule)
@@ -126,8 +127,12 @@ def test_checkpoint_reload_identical_and_onnx_export(textures_root: Path, tmp_pa
         first, second = model(images), reloaded(images)
     assert torch.equal(first.anomaly_map, second.anomaly_map)
     assert torch.equal(first.pred_score, second.pred_score)
-    raw = model.model(images)
+    assert torch.equal(first.pred_mask, second.pred_mask)
+    with torch.no_grad():
+        raw = model.model(images)
     assert raw.anomaly_map.flatten(1).std(dim=1).min() > 0
+    assert torch.equal(first.pred_mask, raw.pred_mask)  # the post-processor keeps the model's NFA mask and label
+    assert torch.equal(first.pred_label, raw.pred_mask.flatten(1).any(dim=1))
 
     onnx_path = model.to_onnx(tmp_path / "export", input_size=(SIZE, SIZE))
     import onnxruntime as ort
@@ -136,6 +141,7 @@ def test_checkpoint_reload_identical_and_onnx_export(textures_root: Path, tmp_pa
     outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input": images.numpy()}), strict=True))
     assert np.allclose(outputs["anomaly_map"], first.anomaly_map.numpy(), atol=1e-3)
     assert np.allclose(outputs["pred_score"], first.pred_score.numpy(), atol=1e-4)
+    assert outputs["pred_mask"].shape == (3, 1, SIZE, SIZE)  # thresholded map: the NFA max-tree is not in the graph
 
 
 @pytest.mark.usefixtures("single_threaded_subprocesses")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from anomalib_ext.components.nfa import a_contrario_segmentation
 from anomalib_ext.components.task_pretraining import default_feature_layers
 from anomalib_ext.models.msflow.anomaly_map import AnomalyMapGenerator
 from anomalib_ext.models.msflow.loss import MSFlowLoss
@@ -158,3 +159,33 @@ def test_flow_training_reduces_loss(tiny_model: MSFlowModel) -> None:
 def test_mismatched_layers_and_blocks_are_rejected() -> None:
     with pytest.raises(ValueError, match="one flow per feature layer"):
         MSFlowModel("efficientnet_lite0", pre_trained=False, flow_blocks=(2, 5))
+
+
+def test_nfa_mask_option(tiny_model: MSFlowModel) -> None:
+    images = torch.randn(2, 3, 96, 96)  # coarsest latent 3x3 (scikit-image's max-tree fails on 2x2 images)
+    tiny_model.eval()
+    with torch.no_grad():
+        plain = tiny_model(images)
+        tiny_model.use_nfa_mask = True
+        try:
+            with_nfa = tiny_model(images)
+        finally:
+            tiny_model.use_nfa_mask = False
+        latents, _ = tiny_model.encode(tiny_model.extract_features(images))
+    assert plain.pred_mask is None and plain.pred_label is None
+    _, expected_mask = a_contrario_segmentation(latents, (96, 96), log_nfa_threshold=0.0)
+    assert with_nfa.pred_mask.dtype == torch.bool and with_nfa.pred_mask.shape == (2, 96, 96)
+    assert torch.equal(with_nfa.pred_mask, expected_mask)
+    assert torch.equal(with_nfa.pred_label, expected_mask.flatten(1).any(dim=1))
+    assert torch.equal(with_nfa.anomaly_map, plain.anomaly_map)
+
+
+def test_nfa_mask_is_empty_for_white_gaussian_latents() -> None:
+    """Under the null hypothesis (latents ~ N(0, I)) the NFA test flags (almost) nothing, unlike a shifted region."""
+    generator = torch.Generator().manual_seed(0)
+    latents = [torch.randn(2, 24, 16, 16, generator=generator), torch.randn(2, 40, 8, 8, generator=generator)]
+    _, null_mask = a_contrario_segmentation(latents, (64, 64))
+    latents[0][1, :, 4:8, 4:8] += 4.0
+    _, anomalous_mask = a_contrario_segmentation(latents, (64, 64))
+    assert null_mask.float().mean() < 0.01
+    assert anomalous_mask[1, 16:32, 16:32].float().mean() > 0.5

@@ -39,6 +39,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn, optim
 from torchvision.transforms.v2 import Normalize
 
+from anomalib_ext.components.post_processing import ModelMaskPostProcessor
 from anomalib_ext.components.task_pretraining import (
     PRETRAIN_TASKS,
     SegmentationUNet,
@@ -94,6 +95,11 @@ class MSFlow(AnomalibModule):
         pretrain_weights_out: if set, the fine-tuned encoder is also written there (timm-keyed safetensors) when
             pre-training ends.
         seed: seed of the synthetic anomalies (combined with the DDP rank and the epoch).
+        use_nfa_mask: ``pred_mask`` from the a-contrario NFA test on the latents (as UFlowNFA) instead of a threshold
+            learnt on validation maps; ``pred_label`` = the mask has a pixel. Not in exported graphs (numpy max-tree):
+            there the post-processor thresholds the map as usual.
+        log_nfa_threshold: NFA detections where ``log10 NFA < log_nfa_threshold`` (0: on average < 1 false region per
+            normal image).
     """
 
     def __init__(
@@ -121,6 +127,8 @@ class MSFlow(AnomalibModule):
         decoder_channels: Sequence[int] | None = None,
         pretrain_weights_out: str | None = None,
         seed: int = 0,
+        use_nfa_mask: bool = False,
+        log_nfa_threshold: float = 0.0,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -170,6 +178,8 @@ class MSFlow(AnomalibModule):
             clamp=clamp,
             positional_channels=positional_channels,
             top_k=top_k,
+            use_nfa_mask=use_nfa_mask,
+            log_nfa_threshold=log_nfa_threshold,
         )
         self.loss = MSFlowLoss()
         self.pretrain_network: SegmentationUNet | None = None
@@ -187,6 +197,11 @@ class MSFlow(AnomalibModule):
     def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
         """Resize to 512x512 (paper) and ImageNet-normalise."""
         return super().configure_pre_processor(image_size or PAPER_IMAGE_SIZE)
+
+    @classmethod
+    def configure_post_processor(cls) -> ModelMaskPostProcessor:
+        """Stock normalisation and thresholds; keeps the model's own NFA mask and label when ``use_nfa_mask`` is set."""
+        return ModelMaskPostProcessor()
 
     @property
     def flow_parameters(self) -> list[nn.Parameter]:

@@ -20,6 +20,7 @@ from FrEIA.framework import SequenceINN
 from torch import nn
 
 from anomalib_ext.components.backbones import create_feature_extractor
+from anomalib_ext.components.nfa import a_contrario_segmentation
 from anomalib_ext.components.task_pretraining import default_feature_layers
 
 from .anomaly_map import AnomalyMapGenerator
@@ -137,6 +138,9 @@ class MSFlowModel(nn.Module):
         clamp: affine clamp of the parallel and fusion couplings (paper: 1.9).
         positional_channels: channels of the 2D sin/cos condition (paper: 64).
         top_k: fraction of the detection map averaged into the image score (paper: 3 %).
+        use_nfa_mask: also return ``pred_mask`` from the a-contrario NFA tree test on the latents (white Gaussian under
+            normality) and ``pred_label`` = the mask has a pixel; left out while exporting (numpy/scikit-image step).
+        log_nfa_threshold: NFA detections where ``log10 NFA < log_nfa_threshold`` (0: NFA < 1).
     """
 
     def __init__(
@@ -149,8 +153,12 @@ class MSFlowModel(nn.Module):
         clamp: float = DEFAULT_CLAMP,
         positional_channels: int = DEFAULT_POSITIONAL_CHANNELS,
         top_k: float = 0.03,
+        use_nfa_mask: bool = False,
+        log_nfa_threshold: float = 0.0,
     ) -> None:
         super().__init__()
+        self.use_nfa_mask = use_nfa_mask
+        self.log_nfa_threshold = log_nfa_threshold
         self.layers = list(layers) if layers is not None else default_feature_layers(backbone)
         if len(self.layers) != len(flow_blocks):
             msg = f"MSFlow needs one flow per feature layer: got layers {self.layers} and flow_blocks {list(flow_blocks)}."
@@ -207,4 +215,12 @@ class MSFlowModel(nn.Module):
         if self.training:
             return latents, log_det
         anomaly_map, pred_score = self.anomaly_map_generator(latents, images.shape[-2:])
-        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
+        if not self.use_nfa_mask or torch.compiler.is_exporting():
+            return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
+        _, pred_mask = a_contrario_segmentation(latents, tuple(images.shape[-2:]), self.log_nfa_threshold)
+        return InferenceBatch(
+            pred_score=pred_score,
+            pred_label=pred_mask.flatten(1).any(dim=1),
+            anomaly_map=anomaly_map,
+            pred_mask=pred_mask,
+        )
