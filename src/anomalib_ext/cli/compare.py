@@ -21,12 +21,14 @@ cells are retried.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -513,6 +515,29 @@ def read_result(directory: Path) -> dict[str, Any] | None:
         return None
 
 
+def _run_isolated(command: list[str], stream, timeout: float | None) -> int | None:  # noqa: ANN001
+    """Run ``command`` in its own process group; return its exit code, or ``None`` after killing it at ``timeout``.
+
+    The whole group is killed on a timeout or when the runner itself is interrupted, so no cell process (nor a DDP
+    rank it started) outlives the runner.
+    """
+    process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(process)
+        return None
+    except BaseException:
+        _kill_group(process)
+        raise
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
 def is_finished(result: dict[str, Any] | None, fingerprint: str) -> bool:
     """A cell is done when it succeeded with the same settings and its model's source code is unchanged since."""
     return bool(
@@ -547,13 +572,7 @@ def run_cell(grid: GridSpec, cell: Cell, output: Path, force: bool = False) -> t
     with log.open("w") as stream:
         stream.write(f"# equivalent: anomalib train {shlex.join(job['arguments'])}\n")
         stream.flush()
-        try:
-            process = subprocess.run(
-                command, stdout=stream, stderr=subprocess.STDOUT, timeout=grid.timeout, check=False, cwd=os.getcwd()
-            )
-            returncode: int | None = process.returncode
-        except subprocess.TimeoutExpired:
-            returncode = None
+        returncode = _run_isolated(command, stream, grid.timeout)
     result = read_result(directory)
     if result is None:
         if returncode is None:
@@ -836,6 +855,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:  # noqa: ANN401, ARG001
+    raise SystemExit(128 + signum)
+
+
 def run(args: argparse.Namespace) -> int:
     grid = load_grid(args.grid)
     output = Path(args.output or grid.output)
@@ -843,6 +866,7 @@ def run(args: argparse.Namespace) -> int:
         for cell in grid_cells(grid):
             print(f"# {cell.label}\nanomalib train {shlex.join(cell_arguments(grid, cell))}")
         return 0
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so that a terminated runner kills its running cell
     only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
     rows = run_grid(grid, output, force=args.force, only=only)
     failed = sum(row["status"] != "ok" for row in rows)
