@@ -11,6 +11,7 @@ register_offline_timm_tag()
 from anomalib_ext.models.dense_hybrid_ad import DenseHybridAD  # noqa: E402
 from anomalib_ext.models.msflow import MSFlow  # noqa: E402
 from anomalib_ext.models.nfbmr import NFBMR  # noqa: E402
+from anomalib_ext.models.patch_vqvae import PatchAE, PatchVQVAE  # noqa: E402
 from anomalib_ext.models.uflow_nfa import UFlowNFA  # noqa: E402
 
-__all__: list[str] = ["DenseHybridAD", "MSFlow", "NFBMR", "UFlowNFA"]
+__all__: list[str] = ["DenseHybridAD", "MSFlow", "NFBMR", "PatchAE", "PatchVQVAE", "UFlowNFA"]
