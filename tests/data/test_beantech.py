@@ -63,8 +63,11 @@ def test_mixed_extensions_in_one_category(tmp_path: Path) -> None:
 
 
 def test_missing_root_and_wrong_layout(tmp_path: Path) -> None:
-    with pytest.raises(DatasetLayoutError, match=r"(?s)01 does not exist.*Expected layout.*ground_truth/ko"):
+    with pytest.raises(DatasetLayoutError, match=r"(?s)nowhere does not exist.*Expected layout.*ground_truth/ko"):
         _setup(tmp_path / "nowhere")
+    make_beantech(tmp_path / "btad")
+    with pytest.raises(DatasetLayoutError, match=r"no category folder '04' \(found: 01, 02, 03\)"):
+        _setup(tmp_path / "btad", "04")
     (tmp_path / "01" / "train" / "good").mkdir(parents=True)
     with pytest.raises(DatasetLayoutError, match=r"(?s)lacks train/ok, test/ok.*Expected layout"):
         _setup(tmp_path)

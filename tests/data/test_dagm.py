@@ -65,7 +65,9 @@ def test_lowercase_extension_copy_still_matches_labels_file(tmp_path: Path) -> N
 
 
 def test_missing_root_and_missing_labels_file(tmp_path: Path) -> None:
-    with pytest.raises(DatasetLayoutError, match=r"(?s)Class1 does not exist.*Expected layout.*Labels.txt"):
+    with pytest.raises(DatasetLayoutError, match=r"(?s)nowhere does not exist.*Expected layout.*Labels.txt"):
+        _setup(tmp_path / "nowhere")
+    with pytest.raises(DatasetLayoutError, match=r"(?s)no category folder 'Class1' \(found: nothing\).*Labels.txt"):
         _setup(tmp_path)
     root = make_dagm(tmp_path)
     os.remove(root / "Class1" / "Test" / "Label" / "Labels.txt")

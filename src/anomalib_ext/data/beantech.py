@@ -31,6 +31,7 @@ from anomalib_ext.data.validation import (
     check_mask_sizes,
     list_files,
     pair_images_with_masks,
+    require_category,
     require_paths,
 )
 
@@ -122,7 +123,9 @@ class BeanTechDataset(AnomalibDataset):
         super().__init__(augmentations=augmentations)
         self.category = category
         self.split = split
-        self.samples = make_beantech_dataset(Path(root) / category, split=split)
+        self.samples = make_beantech_dataset(
+            require_category(Path(root), category, "BeanTech", EXPECTED_LAYOUT), split=split
+        )
 
 
 class BeanTech(AnomalibDataModule):

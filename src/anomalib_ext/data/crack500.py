@@ -125,7 +125,7 @@ def _read(path: Path, mode: str) -> np.ndarray:
 
 
 def _cache_signature(pairs: list[tuple[Path, Path]], grid_size: int) -> dict:
-    files = [[path.name, path.stat().st_size] for pair in pairs for path in pair]
+    files = [[path.name, path.stat().st_size, path.stat().st_mtime_ns] for pair in pairs for path in pair]
     return {"version": CACHE_VERSION, "grid_size": grid_size, "files": files}
 
 
@@ -134,7 +134,7 @@ def build_tile_cache(folder: Path, release: str, grid_size: int, cache_dir: Path
 
     Manifest columns: ``source`` (photograph), ``image`` (source file), ``row``, ``col``, ``top``, ``left``,
     ``height``, ``width``, ``crack_pixels``, ``image_path`` and ``mask_path`` (``""`` for normal tiles).
-    The cache is reused when it was built from the same files (names and sizes) with the same grid.
+    The cache is reused when it was built from the same files (names, sizes, modification times) with the same grid.
     """
     pairs = pair_images_with_masks(*_images_and_masks(folder), MASK_SUFFIX[release], "Crack500", EXPECTED_LAYOUT)
     if not pairs:

@@ -30,6 +30,7 @@ from anomalib_ext.data.validation import (
     check_images_readable,
     check_mask_sizes,
     list_files,
+    require_category,
     require_paths,
 )
 
@@ -153,7 +154,7 @@ class DAGMDataset(AnomalibDataset):
         super().__init__(augmentations=augmentations)
         self.category = category
         self.split = split
-        samples = make_dagm_dataset(Path(root) / category, split=split)
+        samples = make_dagm_dataset(require_category(Path(root), category, "DAGM", EXPECTED_LAYOUT), split=split)
         self.excluded_defective_train = samples.attrs["excluded_defective_train"]
         self.samples = samples
 

@@ -110,3 +110,19 @@ def check_mask_sizes(pairs: Iterable[tuple[str | Path, str | Path]]) -> None:
                 width, height = mask.size
                 msg = f"Mask {mask_path} is {width}x{height} but image {image_path} is {image.size[0]}x{image.size[1]}."
                 raise ValueError(msg)
+
+
+def require_category(root: Path, category: str, dataset: str, expected_layout: str) -> Path:
+    """``root / category`` if it is a folder; else :class:`DatasetLayoutError` listing the categories found in ``root``."""
+    if not root.is_dir():
+        msg = f"{dataset} root {root} does not exist or is not a folder. Expected layout:\n{expected_layout}"
+        raise DatasetLayoutError(msg)
+    category_dir = root / category
+    if not category_dir.is_dir():
+        found = sorted(path.name for path in root.iterdir() if path.is_dir() and not path.name.startswith("."))
+        msg = (
+            f"{dataset} root {root} has no category folder {category!r} (found: {', '.join(found) or 'nothing'}). "
+            f"Expected layout:\n{expected_layout}"
+        )
+        raise DatasetLayoutError(msg)
+    return category_dir
