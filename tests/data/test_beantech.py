@@ -102,5 +102,6 @@ def test_bad_inputs_raise_errors_naming_the_file(tmp_path: Path, breakage, messa
 
 def test_hidden_files_are_ignored(tmp_path: Path) -> None:
     root = make_beantech(tmp_path)
-    (root / "01" / "train" / "ok" / ".DS_Store").write_bytes(b"\0")
+    for name in (".DS_Store", "Thumbs.db"):
+        (root / "01" / "train" / "ok" / name).write_bytes(b"\0")
     assert len(_setup(root).train_data) == BEANTECH_COUNTS["train/ok"]

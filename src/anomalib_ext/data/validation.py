@@ -41,17 +41,21 @@ def check_images_readable(paths: Iterable[str | Path]) -> None:
             raise ValueError(msg) from error
 
 
+def _is_system_file(path: Path) -> bool:
+    return path.name.startswith(".") or path.name.lower() in {"thumbs.db", "desktop.ini"}
+
+
 def list_files(folder: Path, extensions: Iterable[str], dataset: str, expected_layout: str) -> list[Path]:
     """Sorted files of ``folder`` whose suffix is in ``extensions`` (case-insensitive, e.g. ``{".png", ".bmp"}``).
 
-    Hidden files (``.DS_Store``) and sub-folders are skipped; any other file raises :class:`DatasetLayoutError` that
-    names it, so that nothing the user put there is dropped silently.
+    Sub-folders and operating-system metadata (hidden files such as ``.DS_Store``, ``Thumbs.db``, ``desktop.ini``) are
+    skipped; any other file raises :class:`DatasetLayoutError` that names it, so nothing is dropped silently.
     """
     if not folder.is_dir():
         msg = f"{dataset}: folder {folder} does not exist. Expected layout:\n{expected_layout}"
         raise DatasetLayoutError(msg)
     allowed = {extension.lower() for extension in extensions}
-    files = sorted(path for path in folder.iterdir() if path.is_file() and not path.name.startswith("."))
+    files = sorted(path for path in folder.iterdir() if path.is_file() and not _is_system_file(path))
     unexpected = [path.name for path in files if path.suffix.lower() not in allowed]
     if unexpected:
         msg = (
