@@ -35,6 +35,7 @@ CASES = {
     "paper": [(816, 28), (192, 14)],
     "resnet": [(64, 64), (128, 32), (256, 16)],
 }
+PLANTED_SHIFT = {"paper": 0.8, "resnet": 2.0}  # detectable: few channels need a stronger shift
 OUTPUT_SIZE = (256, 256)
 
 
@@ -43,7 +44,7 @@ def make_latents(case: str, index: int, generator: torch.Generator) -> list[torc
     if index % 2 == 1:  # a planted anomaly covering about 1/16 of the image at every scale
         for latent in latents:
             size = latent.shape[-1]
-            latent[..., size // 4 : size // 2, size // 4 : size // 2] += 0.6
+            latent[..., size // 4 : size // 2, size // 4 : size // 2] += PLANTED_SHIFT[case]
     return latents
 
 
@@ -63,8 +64,8 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     a_contrario_segmentation(make_latents("paper", 0, generator), OUTPUT_SIZE)  # warm-up (imports, N_tests cache)
 
-    print(f"| case | latents | vectorised ms/image (median, {args.images} images) | reference ms/image (median, "
-          f"{args.reference_images} images) | speed-up | detected pixels (planted images) | masks identical |")
+    print(f"| case | latents | vectorised ms/image, median (min), {args.images} images | reference ms/image, median (min), "
+          f"{args.reference_images} images | speed-up (medians) | detected pixels (planted images) | masks identical |")
     print("|---|---|---|---|---|---|---|")
     for case, shapes in CASES.items():
         fast_times, reference_times, detected = [], [], []
@@ -81,7 +82,8 @@ def main() -> None:
                 identical &= torch.equal(mask, reference_mask) and torch.allclose(log_nfa, reference_log_nfa)
         fast, reference = statistics.median(fast_times) * 1e3, statistics.median(reference_times) * 1e3
         latents_text = " + ".join(f"{c}x{s}^2" for c, s in shapes)
-        print(f"| {case} | {latents_text} | {fast:.1f} | {reference:.1f} | {reference / fast:.1f}x | "
+        print(f"| {case} | {latents_text} | {fast:.1f} ({min(fast_times) * 1e3:.1f}) | {reference:.1f} "
+              f"({min(reference_times) * 1e3:.1f}) | {reference / fast:.1f}x | "
               f"{statistics.mean(detected):.0f} | {identical} |", flush=True)
         if not identical:
             raise SystemExit(f"{case}: the vectorised NFA differs from the straightforward reference")

@@ -3,7 +3,7 @@
 Reports image AUROC, pixel AUROC, AUPRO, the per-image mIoU of the model's own mask (UFlowNFA: the unsupervised NFA
 mask at log10 NFA < 0; PaDiM: its F1-adaptive threshold learnt on the validation split) and the mIoU at the oracle
 threshold (best single threshold on the test set). Both models use the same backbone taps (``blocks.1/2/4``, strides
-4/8/16), input size and data.
+4/8/16, or ``--layers``), input size and data.
 
 Usage::
 
@@ -43,13 +43,13 @@ def evaluator() -> Evaluator:
     )
 
 
-def build(name: str, image_size: int) -> torch.nn.Module:
+def build(name: str, image_size: int, layers: list[str]) -> torch.nn.Module:
     pre_processor = UFlowNFA.configure_pre_processor((image_size, image_size))
     if name == "UFlowNFA":
-        return UFlowNFA(backbone="efficientnet_lite0", layers=LAYERS, pre_processor=pre_processor, evaluator=evaluator(), visualizer=False)
+        return UFlowNFA(backbone="efficientnet_lite0", layers=layers, pre_processor=pre_processor, evaluator=evaluator(), visualizer=False)
     return Padim(
         backbone="efficientnet_lite0.anomalib_ext",
-        layers=LAYERS,
+        layers=layers,
         n_features=100,
         pre_processor=pre_processor,
         evaluator=evaluator(),
@@ -62,13 +62,13 @@ def run(name: str, category: str, args: argparse.Namespace, root: Path, work: Pa
     datamodule = Textures(
         root=root,
         category=category,
-        tile_size=args.image_size,
+        tile_size=128,
         num_workers=0,
         train_batch_size=args.batch_size,
         eval_batch_size=args.batch_size,
         seed=args.seed,
     )
-    model = build(name, args.image_size)
+    model = build(name, args.image_size, args.layers)
     epochs = args.epochs if name == "UFlowNFA" else 1
     engine = Engine(default_root_dir=work / name / category, max_epochs=epochs, accelerator="cpu", devices=1, logger=False)
     start = time.perf_counter()
@@ -89,7 +89,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--categories", nargs="+", default=["gravel", "brick"])
     parser.add_argument("--models", nargs="+", default=["UFlowNFA", "Padim"])
-    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=128, help="model input size (the tiles are 128 px)")
+    parser.add_argument("--layers", nargs="+", default=LAYERS, help="EfficientNet-Lite0 taps for both models")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
