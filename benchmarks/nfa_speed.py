@@ -64,8 +64,10 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     a_contrario_segmentation(make_latents("paper", 0, generator), OUTPUT_SIZE)  # warm-up (imports, N_tests cache)
 
-    print(f"| case | latents | vectorised ms/image, median (min), {args.images} images | reference ms/image, median (min), "
-          f"{args.reference_images} images | speed-up (medians) | detected pixels (planted images) | masks identical |")
+    print(
+        f"| case | latents | vectorised ms/image, median (min), {args.images} images | reference ms/image, median (min), "
+        f"{args.reference_images} images | speed-up (medians) | detected pixels (planted images) | masks identical |"
+    )
     print("|---|---|---|---|---|---|---|")
     for case, shapes in CASES.items():
         fast_times, reference_times, detected = [], [], []
@@ -82,9 +84,12 @@ def main() -> None:
                 identical &= torch.equal(mask, reference_mask) and torch.allclose(log_nfa, reference_log_nfa)
         fast, reference = statistics.median(fast_times) * 1e3, statistics.median(reference_times) * 1e3
         latents_text = " + ".join(f"{c}x{s}^2" for c, s in shapes)
-        print(f"| {case} | {latents_text} | {fast:.1f} ({min(fast_times) * 1e3:.1f}) | {reference:.1f} "
-              f"({min(reference_times) * 1e3:.1f}) | {reference / fast:.1f}x | "
-              f"{statistics.mean(detected):.0f} | {identical} |", flush=True)
+        print(
+            f"| {case} | {latents_text} | {fast:.1f} ({min(fast_times) * 1e3:.1f}) | {reference:.1f} "
+            f"({min(reference_times) * 1e3:.1f}) | {reference / fast:.1f}x | "
+            f"{statistics.mean(detected):.0f} | {identical} |",
+            flush=True,
+        )
         if not identical:
             raise SystemExit(f"{case}: the vectorised NFA differs from the straightforward reference")
 

@@ -46,7 +46,13 @@ def evaluator() -> Evaluator:
 def build(name: str, image_size: int, layers: list[str]) -> torch.nn.Module:
     pre_processor = UFlowNFA.configure_pre_processor((image_size, image_size))
     if name == "UFlowNFA":
-        return UFlowNFA(backbone="efficientnet_lite0", layers=layers, pre_processor=pre_processor, evaluator=evaluator(), visualizer=False)
+        return UFlowNFA(
+            backbone="efficientnet_lite0",
+            layers=layers,
+            pre_processor=pre_processor,
+            evaluator=evaluator(),
+            visualizer=False,
+        )
     return Padim(
         backbone="efficientnet_lite0.anomalib_ext",
         layers=layers,
@@ -70,7 +76,9 @@ def run(name: str, category: str, args: argparse.Namespace, root: Path, work: Pa
     )
     model = build(name, args.image_size, args.layers)
     epochs = args.epochs if name == "UFlowNFA" else 1
-    engine = Engine(default_root_dir=work / name / category, max_epochs=epochs, accelerator="cpu", devices=1, logger=False)
+    engine = Engine(
+        default_root_dir=work / name / category, max_epochs=epochs, accelerator="cpu", devices=1, logger=False
+    )
     start = time.perf_counter()
     engine.fit(model=model, datamodule=datamodule)
     fit_seconds = time.perf_counter() - start
@@ -113,7 +121,9 @@ def main() -> None:
         print(f"| {key} | " + " | ".join(str(row.get(column, "")) for column in columns) + " |")
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2))
+        args.output.write_text(
+            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2)
+        )
 
 
 if __name__ == "__main__":

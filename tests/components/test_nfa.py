@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from nfa_reference import reference_segmentation
 from scipy import ndimage
 
 from anomalib_ext.components.nfa import (
@@ -17,8 +18,6 @@ from anomalib_ext.components.nfa import (
     log10_number_of_tests,
     region_log10_pfa_map,
 )
-
-from nfa_reference import reference_segmentation
 
 # 4x4 hand-checkable map. Upper level sets: the whole image at level 1 (root); a 2x2 block at level 4 whose three
 # pixels at level 5 form its only child; a vertical pair at level 3; a single pixel at level 2.

@@ -45,7 +45,9 @@ def test_forward_keeps_model_mask_and_label() -> None:
 def test_label_derived_from_mask_or_thresholds() -> None:
     output = _fitted(ModelMaskPostProcessor())(_predictions(with_mask=True, with_label=False))
     assert output.pred_label.tolist() == [False, True]
-    output = _fitted(ModelMaskPostProcessor(derive_label_from_mask=False))(_predictions(with_mask=True, with_label=False))
+    output = _fitted(ModelMaskPostProcessor(derive_label_from_mask=False))(
+        _predictions(with_mask=True, with_label=False)
+    )
     assert output.pred_label.tolist() == [True, True]
     output = _fitted(ModelMaskPostProcessor())(_predictions(with_mask=False, with_label=False))
     assert output.pred_mask.all()  # no own mask: stock thresholding

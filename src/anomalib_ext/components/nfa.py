@@ -272,7 +272,9 @@ def a_contrario_segmentation(
         channels = int(latent.shape[1])
         scores = _checked_scores(latent, index)
         maps = np.stack([region_log10_pfa_map(score, channels, clamp_chernoff) for score in scores])
-        scale_maps.append(F.interpolate(torch.from_numpy(maps)[:, None], size=size, mode="bilinear", align_corners=False))
+        scale_maps.append(
+            F.interpolate(torch.from_numpy(maps)[:, None], size=size, mode="bilinear", align_corners=False)
+        )
     log_pfa = torch.cat(scale_maps, dim=1).amin(dim=1)
     log_n_tests = log10_number_of_tests(tuple(int(latent.shape[-2] * latent.shape[-1]) for latent in latents))
     log_nfa = log_pfa + log_n_tests

@@ -34,7 +34,9 @@ def _flatten_pairs(preds: torch.Tensor, target: torch.Tensor) -> tuple[torch.Ten
     if preds.ndim == 2:
         preds, target = preds[None], (target[None] if target.ndim == 2 else target)
     if preds.shape != target.shape:
-        msg = f"Prediction and target masks must have the same shape, got {tuple(preds.shape)} and {tuple(target.shape)}."
+        msg = (
+            f"Prediction and target masks must have the same shape, got {tuple(preds.shape)} and {tuple(target.shape)}."
+        )
         raise ValueError(msg)
     return preds.flatten(1), target.flatten(1).bool()
 

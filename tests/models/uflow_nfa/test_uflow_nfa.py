@@ -10,6 +10,7 @@ import timm
 import torch
 from anomalib.engine import Engine
 from anomalib.models.image.uflow.loss import UFlowLoss
+from PIL import Image
 
 from anomalib_ext.data import Textures
 from anomalib_ext.models import UFlowNFA
@@ -101,21 +102,52 @@ def test_mcait_wiring_with_small_cait_stand_ins(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_stock_cli_train_then_test(anomalib_cli, tiny_textures_args, resize_pre_processor, tmp_path: Path) -> None:
-    common = ["--model", "UFlowNFA", "--model.backbone", "efficientnet_lite0", "--model.pre_processor", resize_pre_processor(64)]
-    anomalib_cli("train", *common, *tiny_textures_args("gravel"), "--trainer.max_epochs", "1", "--default_root_dir", str(tmp_path / "train"))
+    common = [
+        "--model",
+        "UFlowNFA",
+        "--model.backbone",
+        "efficientnet_lite0",
+        "--model.pre_processor",
+        resize_pre_processor(64),
+    ]
+    anomalib_cli(
+        "train",
+        *common,
+        *tiny_textures_args("gravel"),
+        "--trainer.max_epochs",
+        "1",
+        "--default_root_dir",
+        str(tmp_path / "train"),
+    )
     checkpoints = list((tmp_path / "train").rglob("*.ckpt"))
     assert len(checkpoints) == 1
-    result = anomalib_cli("test", *common, *tiny_textures_args("gravel"), "--ckpt_path", str(checkpoints[0]), "--default_root_dir", str(tmp_path / "test"))
+    result = anomalib_cli(
+        "test",
+        *common,
+        *tiny_textures_args("gravel"),
+        "--ckpt_path",
+        str(checkpoints[0]),
+        "--default_root_dir",
+        str(tmp_path / "test"),
+    )
     assert "pixel_nfa_MIoU" in result.stdout
     images = list((tmp_path / "test").rglob("images/**/*.png"))
-    assert images  # the NFA visualizer wrote the image panels (stock panels + -log10 NFA)
+    assert images
+    # the NFA visualizer: the four stock panels (image, gt mask, map overlay, mask overlay) + the -log10 NFA panel
+    assert Image.open(images[0]).size == (5 * 256, 256)
 
 
 def test_checkpoint_reload_identical_and_onnx_export(textures_root: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = UFlowNFA(backbone="efficientnet_lite0", pre_processor=UFlowNFA.configure_pre_processor(SIZE), visualizer=False)
-    datamodule = Textures(root=textures_root, category="gravel", num_workers=0, train_batch_size=4, eval_batch_size=4, **TINY)
-    engine = Engine(default_root_dir=tmp_path, max_epochs=1, limit_train_batches=2, accelerator="cpu", devices=1, logger=False)
+    model = UFlowNFA(
+        backbone="efficientnet_lite0", pre_processor=UFlowNFA.configure_pre_processor(SIZE), visualizer=False
+    )
+    datamodule = Textures(
+        root=textures_root, category="gravel", num_workers=0, train_batch_size=4, eval_batch_size=4, **TINY
+    )
+    engine = Engine(
+        default_root_dir=tmp_path, max_epochs=1, limit_train_batches=2, accelerator="cpu", devices=1, logger=False
+    )
     engine.fit(model=model, datamodule=datamodule)
     checkpoint = tmp_path / "reload.ckpt"
     engine.trainer.save_checkpoint(checkpoint)
@@ -134,7 +166,9 @@ def test_checkpoint_reload_identical_and_onnx_export(textures_root: Path, tmp_pa
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     probe = torch.rand(1, 3, *SIZE)
-    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input": probe.numpy()}), strict=True))
+    outputs = dict(
+        zip([o.name for o in session.get_outputs()], session.run(None, {"input": probe.numpy()}), strict=True)
+    )
     with torch.no_grad():
         torch_output = model(probe)
     np.testing.assert_allclose(outputs["anomaly_map"], torch_output.anomaly_map.numpy(), atol=1e-4)
@@ -144,8 +178,23 @@ def test_checkpoint_reload_identical_and_onnx_export(textures_root: Path, tmp_pa
 
 def test_ddp_smoke(anomalib_cli, tiny_textures_args, resize_pre_processor, tmp_path: Path) -> None:
     anomalib_cli(
-        "fit", "--model", "UFlowNFA", "--model.backbone", "efficientnet_lite0", "--model.pre_processor", resize_pre_processor(64),
-        *tiny_textures_args("gravel"), "--trainer.max_epochs", "1", "--trainer.strategy", "ddp", "--trainer.devices", "2",
-        "--trainer.accelerator", "cpu", "--default_root_dir", str(tmp_path),
+        "fit",
+        "--model",
+        "UFlowNFA",
+        "--model.backbone",
+        "efficientnet_lite0",
+        "--model.pre_processor",
+        resize_pre_processor(64),
+        *tiny_textures_args("gravel"),
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
+        "--trainer.accelerator",
+        "cpu",
+        "--default_root_dir",
+        str(tmp_path),
     )
     assert list(tmp_path.rglob("*.ckpt"))

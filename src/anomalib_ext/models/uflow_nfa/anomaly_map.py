@@ -17,7 +17,9 @@ class AnomalyMapGenerator(nn.Module):
     * ``segment(latents)`` -> ``(log10 NFA [B, H, W], mask [B, H, W])`` with ``mask = log10 NFA < log_nfa_threshold``.
     """
 
-    def __init__(self, input_size: tuple[int, int], log_nfa_threshold: float = 0.0, clamp_chernoff: bool = True) -> None:
+    def __init__(
+        self, input_size: tuple[int, int], log_nfa_threshold: float = 0.0, clamp_chernoff: bool = True
+    ) -> None:
         super().__init__()
         self.input_size = tuple(input_size)
         self.log_nfa_threshold = log_nfa_threshold

@@ -9,7 +9,6 @@ pixel. The ``-log10 NFA`` map is attached to test/predict batches as ``batch.neg
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -22,10 +21,10 @@ from anomalib.metrics import AUPRO, AUROC, Evaluator, F1Score
 from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
+from anomalib.utils.path import generate_output_filename
 from anomalib.visualization import ImageVisualizer, Visualizer
 from anomalib.visualization.image.functional import add_text_to_image
 from anomalib.visualization.image.item_visualizer import visualize_image_item
-from anomalib.utils.path import generate_output_filename
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from PIL import Image
 from torchvision.transforms.v2 import Compose, Normalize, Resize
@@ -35,8 +34,6 @@ from anomalib_ext.metrics import MIoU, OracleMIoU
 
 from .loss import UFlowNFALoss
 from .torch_model import MCAIT, MCAIT_INPUT_SIZE, UFlowNFAModel
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["NFAVisualizer", "UFlowNFA"]
 
@@ -88,7 +85,9 @@ class NFAVisualizer(ImageVisualizer):
             panel = self.nfa_panel(item, neg_log_nfa[index])
             if panel is None:
                 continue
-            panel = add_text_to_image(panel.resize((panel.width * stock.height // panel.height, stock.height)), "-log10 NFA")
+            panel = add_text_to_image(
+                panel.resize((panel.width * stock.height // panel.height, stock.height)), "-log10 NFA"
+            )
             canvas = Image.new("RGB", (stock.width + panel.width, stock.height))
             canvas.paste(stock, (0, 0))
             canvas.paste(panel, (stock.width, 0))
@@ -163,10 +162,12 @@ class UFlowNFA(AnomalibModule):
     @classmethod
     def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
         """Resize to ``image_size`` (default 448 x 448, the paper's MS-CaiT input) and ImageNet-normalise."""
-        transform = Compose([
-            Resize(image_size or MCAIT_INPUT_SIZE, antialias=True),
-            Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
-        ])
+        transform = Compose(
+            [
+                Resize(image_size or MCAIT_INPUT_SIZE, antialias=True),
+                Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+            ]
+        )
         return PreProcessor(transform=transform)
 
     @classmethod

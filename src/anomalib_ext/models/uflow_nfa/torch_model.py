@@ -73,8 +73,15 @@ class MSCaiTFeatureExtractor(nn.Module):
         self.extractors.eval()
         features = []
         for extractor, size, blocks in zip(self.extractors, self.input_sizes, self.num_blocks, strict=True):
-            x = image if tuple(image.shape[-2:]) == tuple(size) else F.interpolate(
-                image, size=tuple(size), mode="bicubic", align_corners=True,
+            x = (
+                image
+                if tuple(image.shape[-2:]) == tuple(size)
+                else F.interpolate(
+                    image,
+                    size=tuple(size),
+                    mode="bicubic",
+                    align_corners=True,
+                )
             )
             tokens = extractor.pos_drop(extractor.patch_embed(x) + extractor.pos_embed)
             for block in extractor.blocks[:blocks]:
@@ -91,7 +98,7 @@ def default_cnn_layers(backbone: str) -> list[str]:
     by_stride = {stride: module for stride, module in zip(info.reduction(), info.module_name(), strict=True)}
     layers = [by_stride[stride] for stride in (4, 8, 16) if stride in by_stride]
     if len(layers) < 2:
-        msg = f"Backbone '{backbone}' has no feature taps at strides 4/8/16 ({dict(zip(info.reduction(), info.module_name()))})."
+        msg = f"Backbone {backbone!r} has no feature taps at strides 4/8/16 (available: {by_stride})."
         raise ValueError(msg)
     return layers
 
@@ -146,7 +153,9 @@ def build_u_flow(
     permute_soft: bool,
 ) -> ff.GraphINN:
     """U-shaped FrEIA graph over scales given finest first; outputs one latent per scale, finest first."""
-    inputs = [ff.InputNode(c, h, w, name=f"features_{i}") for i, (c, (h, w)) in enumerate(zip(channels, sizes, strict=True))]
+    inputs = [
+        ff.InputNode(c, h, w, name=f"features_{i}") for i, (c, (h, w)) in enumerate(zip(channels, sizes, strict=True))
+    ]
 
     def stage(node: ff.Node, scale: int) -> list[ff.Node]:
         steps = []
@@ -171,7 +180,9 @@ def build_u_flow(
         steps = stage(current, scale)
         volume = steps[-1].output_dims[0][0]
         to_upsample = volume // 8 * 4  # a multiple of 4 channels for the pixel shuffle, about half of the volume
-        split = ff.Node(steps[-1], fm.Split, {"section_sizes": (to_upsample, volume - to_upsample), "dim": 0}, name=f"split{scale}")
+        split = ff.Node(
+            steps[-1], fm.Split, {"section_sizes": (to_upsample, volume - to_upsample), "dim": 0}, name=f"split{scale}"
+        )
         outputs.append(ff.OutputNode(split.out1, name=f"latent{scale}"))
         upsample = ff.Node(split.out0, fm.IRevNetUpsampling, {}, name=f"upsample{scale}")
         current = ff.Node([inputs[scale - 1].out0, upsample.out0], fm.Concat, {"dim": 0}, name=f"concat{scale - 1}")
@@ -222,7 +233,9 @@ class UFlowNFAModel(nn.Module):
                 msg = f"backbone='{backbone}' takes one weights file, got {backbone_weights}."
                 raise ValueError(msg)
             layers = list(layers) if layers is not None else default_cnn_layers(backbone)
-            self.feature_extractor = CNNFeatureExtractor(backbone, layers, self.input_size, pre_trained, backbone_weights)
+            self.feature_extractor = CNNFeatureExtractor(
+                backbone, layers, self.input_size, pre_trained, backbone_weights
+            )
         channels = self.feature_extractor.channels
         sizes = [(self.input_size[0] // s, self.input_size[1] // s) for s in self.feature_extractor.scale_factors]
         self.flow = build_u_flow(channels, sizes, flow_steps, affine_clamp, affine_subnet_channels_ratio, permute_soft)
@@ -250,4 +263,6 @@ class UFlowNFAModel(nn.Module):
             return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map), None
         log_nfa, pred_mask = self.anomaly_map_generator.segment(latents)
         pred_label = pred_mask.flatten(1).any(dim=1)
-        return InferenceBatch(pred_score=pred_score, pred_label=pred_label, anomaly_map=anomaly_map, pred_mask=pred_mask), log_nfa
+        return InferenceBatch(
+            pred_score=pred_score, pred_label=pred_label, anomaly_map=anomaly_map, pred_mask=pred_mask
+        ), log_nfa
