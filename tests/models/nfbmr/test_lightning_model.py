@@ -63,7 +63,7 @@ def _changed(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) ->
     return any(not torch.equal(first[key], second[key]) for key in first)
 
 
-def test_stages_train_only_their_own_parameters(textures_root: Path, tmp_path: Path) -> None:
+def test_stages_train_only_their_own_parameters_then_reload_and_export(textures_root: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = _model(tnf_epochs=1, bmr_epochs=1)
     initial = copy.deepcopy(model.model.state_dict())
@@ -79,6 +79,29 @@ def test_stages_train_only_their_own_parameters(textures_root: Path, tmp_path: P
     _assert_same(_part(initial, "extractor."), _part(after_bmr, "extractor."))  # SNN frozen (BN statistics too)
     logged = engine.trainer.logged_metrics
     assert float(logged["stage"]) == 2.0 and "bmr_loss_epoch" in logged and "tnf_nll_epoch" in logged
+
+    checkpoint = tmp_path / "reload.ckpt"
+    engine.trainer.save_checkpoint(checkpoint)
+    reloaded = NFBMR.load_from_checkpoint(checkpoint, pre_processor=NFBMR.configure_pre_processor(SIZE)).eval()
+    model.eval()
+    image = torch.rand(2, 3, 80, 80)
+    with torch.no_grad():
+        expected, actual = model(image), reloaded(image)
+    for name, value in expected._asdict().items():
+        assert torch.equal(value, getattr(actual, name)), name
+    assert torch.isfinite(reloaded.post_processor.image_threshold)
+
+    onnx_path = model.to_onnx(tmp_path / "export", input_size=SIZE)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    probe = torch.rand(1, 3, *SIZE)
+    names = [output.name for output in session.get_outputs()]
+    outputs = dict(zip(names, session.run(None, {"input": probe.numpy()}), strict=True))
+    with torch.no_grad():
+        torch_output = model(probe)
+    np.testing.assert_allclose(outputs["anomaly_map"], torch_output.anomaly_map.numpy(), atol=1e-4)
+    np.testing.assert_allclose(outputs["pred_score"], torch_output.pred_score.numpy(), atol=1e-4)
 
 
 def test_resume_from_a_checkpoint_taken_in_stage_1_matches_the_uninterrupted_run(textures_root: Path, tmp_path: Path) -> None:
@@ -103,35 +126,6 @@ def test_resume_from_a_checkpoint_taken_in_stage_1_matches_the_uninterrupted_run
     )
     _assert_same(resumed.model.state_dict(), snapshots.states[-1], atol=1e-5)  # stage 1 finished, stage 2 ran
     torch.testing.assert_close(resumed.post_processor.image_threshold, model.post_processor.image_threshold, rtol=1e-4, atol=1e-5)
-
-
-def test_checkpoint_reload_identical_and_onnx_export(textures_root: Path, tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    model = _model(tnf_epochs=1, bmr_epochs=1, mapper="bpfm")
-    engine = _engine(tmp_path, max_epochs=2, limit_train_batches=2)
-    engine.fit(model=model, datamodule=_datamodule(textures_root))
-    checkpoint = tmp_path / "reload.ckpt"
-    engine.trainer.save_checkpoint(checkpoint)
-    reloaded = NFBMR.load_from_checkpoint(checkpoint, pre_processor=NFBMR.configure_pre_processor(SIZE)).eval()
-    model.eval()
-    image = torch.rand(2, 3, 80, 80)
-    with torch.no_grad():
-        expected, actual = model(image), reloaded(image)
-    for name, value in expected._asdict().items():
-        assert torch.equal(value, getattr(actual, name)), name
-    assert torch.isfinite(reloaded.post_processor.image_threshold)
-
-    onnx_path = model.to_onnx(tmp_path / "export", input_size=SIZE)
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    probe = torch.rand(1, 3, *SIZE)
-    names = [output.name for output in session.get_outputs()]
-    outputs = dict(zip(names, session.run(None, {"input": probe.numpy()}), strict=True))
-    with torch.no_grad():
-        torch_output = model(probe)
-    np.testing.assert_allclose(outputs["anomaly_map"], torch_output.anomaly_map.numpy(), atol=1e-4)
-    np.testing.assert_allclose(outputs["pred_score"], torch_output.pred_score.numpy(), atol=1e-4)
 
 
 def test_nf_only_trains_one_stage_and_too_few_epochs_are_refused(textures_root: Path, tmp_path: Path) -> None:
