@@ -14,6 +14,7 @@ from anomalib_ext.data import Textures
 from anomalib_ext.models import MSFlow
 
 SIZE = 64
+NFA_SIZE = 96  # coarsest latent 3x3: scikit-image's max-tree (NFA) fails on 2x2 images
 TINY_DATA = {"tile_size": 64, "num_train": 8, "num_test_normal": 4, "num_test_defect": 2}
 TINY_MODEL = ["--model.backbone", "efficientnet_lite0", "--model.flow_blocks", "[1, 2, 2]"]
 
@@ -27,11 +28,11 @@ def _datamodule(root: Path, category: str = "gravel") -> Textures:
     return Textures(root=root, category=category, **TINY_DATA, train_batch_size=4, eval_batch_size=4, num_workers=0)
 
 
-def _model(**kwargs: object) -> MSFlow:
+def _model(size: int = SIZE, **kwargs: object) -> MSFlow:
     return MSFlow(
         backbone="efficientnet_lite0",
         flow_blocks=(1, 2, 2),
-        pre_processor=MSFlow.configure_pre_processor((SIZE, SIZE)),
+        pre_processor=MSFlow.configure_pre_processor((size, size)),
         **kwargs,  # type: ignore[arg-type]
     )
 
@@ -71,6 +72,18 @@ def test_pretraining_then_flows_in_one_fit(textures_root: Path, tmp_path: Path) 
     reloaded = MSFlow(backbone="efficientnet_lite0", backbone_weights=str(tmp_path / "encoder.safetensors"), flow_blocks=(1, 2, 2))
     for key, value in reloaded.model.encoder.state_dict().items():
         assert torch.equal(value, encoder_after[key])
+
+    # flow-stage checkpoints leave the U-Net out and still reload into the same configuration, with identical outputs
+    checkpoint = tmp_path / "flows.ckpt"
+    engine.trainer.save_checkpoint(checkpoint)
+    assert not any(key.startswith("pretrain_network.") for key in torch.load(checkpoint, weights_only=False)["state_dict"])
+    restored = MSFlow.load_from_checkpoint(checkpoint)
+    assert restored.pretrain_task == "cutpaste"
+    images = torch.rand(2, 3, SIZE, SIZE)
+    model.eval()
+    restored.eval()
+    with torch.no_grad():
+        assert torch.equal(model(images).anomaly_map, restored(images).anomaly_map)
 
 
 def test_max_epochs_must_leave_room_for_the_flows(textures_root: Path, tmp_path: Path) -> None:
@@ -112,7 +125,7 @@ def test_poisson_pretraining_resumes_from_a_pretraining_checkpoint(textures_root
 def test_checkpoint_reload_identical_and_onnx_export(textures_root: Path, tmp_path: Path) -> None:
     """With ``use_nfa_mask``: the reloaded model gives identical maps, scores and NFA masks; ONNX leaves the NFA out."""
     torch.manual_seed(0)
-    model = _model(use_nfa_mask=True)
+    model = _model(NFA_SIZE, use_nfa_mask=True)
     engine = _engine(tmp_path, max_epochs=1)
     datamodule = _datamodule(textures_root)
     engine.fit(model, datamodule=datamodule)
@@ -120,7 +133,7 @@ def test_checkpoint_reload_identical_and_onnx_export(textures_root: Path, tmp_pa
     engine.trainer.save_checkpoint(checkpoint)
     reloaded = MSFlow.load_from_checkpoint(checkpoint)
 
-    images = torch.rand(3, 3, SIZE, SIZE)
+    images = torch.rand(3, 3, NFA_SIZE, NFA_SIZE)
     model.eval()
     reloaded.eval()
     with torch.no_grad():
@@ -129,19 +142,19 @@ def test_checkpoint_reload_identical_and_onnx_export(textures_root: Path, tmp_pa
     assert torch.equal(first.pred_score, second.pred_score)
     assert torch.equal(first.pred_mask, second.pred_mask)
     with torch.no_grad():
-        raw = model.model(images)
+        raw = model.model(model.pre_processor(images))
     assert raw.anomaly_map.flatten(1).std(dim=1).min() > 0
     assert torch.equal(first.pred_mask, raw.pred_mask)  # the post-processor keeps the model's NFA mask and label
     assert torch.equal(first.pred_label, raw.pred_mask.flatten(1).any(dim=1))
 
-    onnx_path = model.to_onnx(tmp_path / "export", input_size=(SIZE, SIZE))
+    onnx_path = model.to_onnx(tmp_path / "export", input_size=(NFA_SIZE, NFA_SIZE))
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input": images.numpy()}), strict=True))
     assert np.allclose(outputs["anomaly_map"], first.anomaly_map.numpy(), atol=1e-3)
     assert np.allclose(outputs["pred_score"], first.pred_score.numpy(), atol=1e-4)
-    assert outputs["pred_mask"].shape == (3, 1, SIZE, SIZE)  # thresholded map: the NFA max-tree is not in the graph
+    assert outputs["pred_mask"].shape == (3, 1, NFA_SIZE, NFA_SIZE)  # thresholded map: the NFA max-tree is not in the graph
 
 
 @pytest.mark.usefixtures("single_threaded_subprocesses")

@@ -283,6 +283,7 @@ class MSFlow(AnomalibModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """After pre-training the U-Net is dead weight: checkpoints of the flow stage keep only MSFlow itself."""
+        super().on_save_checkpoint(checkpoint)
         if not self.in_pretraining():
             state = checkpoint["state_dict"]
             for key in [key for key in state if key.startswith(f"{PRETRAIN_PREFIX}.")]:
@@ -294,6 +295,7 @@ class MSFlow(AnomalibModule):
         A model without pre-training ignores a checkpoint's U-Net; a model with pre-training that loads a flow-stage
         checkpoint (no U-Net saved) keeps its fresh decoder and takes the encoder from the checkpoint's extractor.
         """
+        super().on_load_checkpoint(checkpoint)
         state = checkpoint["state_dict"]
         if self.pretrain_network is None:
             for key in [key for key in state if key.startswith(f"{PRETRAIN_PREFIX}.")]:
