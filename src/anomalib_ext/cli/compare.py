@@ -403,7 +403,7 @@ def run_cell_worker(job_file: Path) -> int:
         traceback.print_exc()
         result["error_detail"] = f"{type(error).__name__}: {error}".strip()
         result["error"] = summarize_error(result["error_detail"])
-        rank = 0
+        rank = int(os.environ.get("LOCAL_RANK", "0"))  # under DDP only the launching process writes the result
     result["peak_rss_mib"] = _peak_rss_mib()
     if rank == 0:
         (directory / RESULT_FILE).write_text(json.dumps(result, indent=2))
