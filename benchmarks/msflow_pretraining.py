@@ -116,7 +116,12 @@ def run_one(variant: str, category: str, seed: int, args: argparse.Namespace) ->
 
 
 def table(results: list[dict], categories: list[str]) -> str:
-    names = {"none": "MSFlow (no pre-training)", "cutpaste": "MSFlow + CutPaste", "poisson": "MSFlow + Poisson", "padim": "PaDiM"}
+    names = {
+        "none": "MSFlow (no pre-training)",
+        "cutpaste": "MSFlow + CutPaste",
+        "poisson": "MSFlow + Poisson",
+        "padim": "PaDiM",
+    }
     header = "| model | " + " | ".join(f"{c} pixel AUROC / AUPRO (image AUROC)" for c in categories) + " | fit+test s |"
     lines = [header, "|" + "---|" * (len(categories) + 2)]
     for variant in VARIANTS:

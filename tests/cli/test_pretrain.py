@@ -34,19 +34,25 @@ def _tiny_args(textures_root: Path, output: Path) -> list[str]:
 def test_help_through_the_console_script() -> None:
     executable = Path(sys.executable).with_name("anomalib-ext")
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([str(executable), "pretrain", "--help"], capture_output=True, text=True, env=env, check=False)
+    result = subprocess.run(
+        [str(executable), "pretrain", "--help"], capture_output=True, text=True, env=env, check=False
+    )
     assert result.returncode == 0, result.stderr
     assert "--poisson-source" in result.stdout and "--task" in result.stdout
 
 
-def test_poisson_pretraining_writes_a_loadable_encoder(textures_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_poisson_pretraining_writes_a_loadable_encoder(
+    textures_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     output = tmp_path / "gravel_poisson.safetensors"
     args = _tiny_args(textures_root, output)
     assert main([*args, "--task", "poisson", "--poisson-source", str(textures_root / "brick")]) == 0
     assert "pre-training epoch 1/1: BCE" in capsys.readouterr().out
     tuned = build_timm_model("efficientnet_lite0", backbone_weights=output).state_dict()
     imagenet = build_timm_model("efficientnet_lite0", pre_trained=True).state_dict()
-    assert not torch.equal(tuned["blocks.1.0.conv_pw.weight"], imagenet["blocks.1.0.conv_pw.weight"])  # fine-tuned stage
+    assert not torch.equal(
+        tuned["blocks.1.0.conv_pw.weight"], imagenet["blocks.1.0.conv_pw.weight"]
+    )  # fine-tuned stage
     assert torch.equal(tuned["conv_head.weight"], imagenet["conv_head.weight"])  # beyond the encoder: untouched
 
 

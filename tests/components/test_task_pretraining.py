@@ -120,7 +120,10 @@ def test_pretraining_steps_reduce_bce_on_a_fixed_batch() -> None:
     torch.manual_seed(0)
     network = build_segmentation_unet("efficientnet_lite0", pre_trained=True)
     images, masks = SyntheticAnomalyGenerator("cutpaste", seed=0)(_texture_batch())
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean, std = (
+        torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1),
+        torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1),
+    )
     images = (images - mean) / std
     encoder_before = {key: value.clone() for key, value in network.encoder.state_dict().items()}
     optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
@@ -147,10 +150,12 @@ def test_saved_encoder_loads_into_msflow_and_changes_its_features(tmp_path: Path
     with torch.no_grad():
         for parameter in network.encoder.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
-    path = save_encoder_weights(network.encoder, tmp_path / "tuned.safetensors", "efficientnet_lite0", metadata={"task": "cutpaste"})
+    path = save_encoder_weights(
+        network.encoder, tmp_path / "tuned.safetensors", "efficientnet_lite0", metadata={"task": "cutpaste"}
+    )
     with safe_open(str(path), "pt") as handle:
         assert handle.metadata() == {"backbone": "efficientnet_lite0", "task": "cutpaste"}
-        assert "classifier.weight" in handle.keys()  # a complete timm state dict
+        assert "classifier.weight" in handle.keys()  # noqa: SIM118 - safe_open has no __contains__; a complete timm state dict
     build_timm_model("efficientnet_lite0", backbone_weights=path)  # loads into the full model as well
 
     images = torch.randn(2, 3, 64, 64)

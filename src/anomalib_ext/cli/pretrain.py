@@ -18,13 +18,21 @@ TASKS = ("cutpaste", "poisson")  # anomalib_ext.components.task_pretraining.PRET
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the ``pretrain`` sub-command."""
-    parser.description = "Task-specific pre-training (U-Net on CutPaste / Poisson synthetic anomalies); writes the encoder weights."
+    parser.description = (
+        "Task-specific pre-training (U-Net on CutPaste / Poisson synthetic anomalies); writes the encoder weights."
+    )
     parser.add_argument("--task", choices=TASKS, required=True, help="synthetic-anomaly task")
-    parser.add_argument("--normal-images", required=True, help="folder of defect-free training images (searched recursively)")
+    parser.add_argument(
+        "--normal-images", required=True, help="folder of defect-free training images (searched recursively)"
+    )
     parser.add_argument("--output", required=True, help="weights file to write (.safetensors, timm keys)")
-    parser.add_argument("--poisson-source", help="folder of defect images with masks (MVTec category, images/+masks/, <stem>_mask)")
+    parser.add_argument(
+        "--poisson-source", help="folder of defect images with masks (MVTec category, images/+masks/, <stem>_mask)"
+    )
     parser.add_argument("--backbone", default="wide_resnet50_2", help="timm CNN (default: wide_resnet50_2, as MSFlow)")
-    parser.add_argument("--layers", nargs="+", help="three encoder taps, finest first (default: the stride 4/8/16 taps)")
+    parser.add_argument(
+        "--layers", nargs="+", help="three encoder taps, finest first (default: the stride 4/8/16 taps)"
+    )
     parser.add_argument("--backbone-weights", help="local timm-keyed weights to start from (offline)")
     parser.add_argument("--no-pre-trained", action="store_true", help="start from random weights instead of ImageNet")
     parser.add_argument("--decoder-channels", type=int, nargs="+", help="U-Net decoder widths, finest first")

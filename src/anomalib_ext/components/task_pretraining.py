@@ -234,7 +234,9 @@ def step_schedule_factor(
     if epoch < warmup_epochs:
         return warmup_start_factor + (1 - warmup_start_factor) * epoch / warmup_epochs
     milestone_epochs = [math.floor(fraction * total_epochs) for fraction in milestones]
-    return decay ** sum(0 < milestone <= epoch for milestone in milestone_epochs)  # a run too short for a milestone keeps lr
+    return decay ** sum(
+        0 < milestone <= epoch for milestone in milestone_epochs
+    )  # a run too short for a milestone keeps lr
 
 
 def save_encoder_weights(
@@ -278,7 +280,9 @@ class NormalImageFolder(torch.utils.data.Dataset):
             msg = f"Normal-image folder {self.root} does not exist (expected a folder of defect-free images, e.g. <category>/train/good)."
             raise FileNotFoundError(msg)
         self.paths = sorted(
-            path for path in self.root.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and not path.stem.endswith("_mask")
+            path
+            for path in self.root.rglob("*")
+            if path.suffix.lower() in IMAGE_SUFFIXES and not path.stem.endswith("_mask")
         )
         if not self.paths:
             msg = f"No images ({', '.join(IMAGE_SUFFIXES)}) found under {self.root}."

@@ -58,7 +58,9 @@ def test_argument_errors() -> None:
 
 def test_pretraining_then_flows_in_one_fit(textures_root: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = _model(pretrain_task="cutpaste", pretrain_epochs=1, pretrain_weights_out=str(tmp_path / "encoder.safetensors"))
+    model = _model(
+        pretrain_task="cutpaste", pretrain_epochs=1, pretrain_weights_out=str(tmp_path / "encoder.safetensors")
+    )
     encoder_before = {key: value.clone() for key, value in model.model.encoder.state_dict().items()}
     flows_before = {key: value.clone() for key, value in model.model.fusion_flow.state_dict().items()}
     engine = _engine(tmp_path, max_epochs=2)
@@ -66,17 +68,23 @@ def test_pretraining_then_flows_in_one_fit(textures_root: Path, tmp_path: Path) 
     metrics = engine.trainer.callback_metrics
     assert "pretrain_bce_epoch" in metrics and "train_loss_epoch" in metrics
     encoder_after = model.model.encoder.state_dict()
-    assert any(not torch.equal(encoder_before[key], encoder_after[key]) for key in encoder_before if key.endswith("weight"))
+    assert any(
+        not torch.equal(encoder_before[key], encoder_after[key]) for key in encoder_before if key.endswith("weight")
+    )
     assert any(not torch.equal(flows_before[key], value) for key, value in model.model.fusion_flow.state_dict().items())
     # the encoder written at the end of pre-training is the one the flows were trained on
-    reloaded = MSFlow(backbone="efficientnet_lite0", backbone_weights=str(tmp_path / "encoder.safetensors"), flow_blocks=(1, 2, 2))
+    reloaded = MSFlow(
+        backbone="efficientnet_lite0", backbone_weights=str(tmp_path / "encoder.safetensors"), flow_blocks=(1, 2, 2)
+    )
     for key, value in reloaded.model.encoder.state_dict().items():
         assert torch.equal(value, encoder_after[key])
 
     # flow-stage checkpoints leave the U-Net out and still reload into the same configuration, with identical outputs
     checkpoint = tmp_path / "flows.ckpt"
     engine.trainer.save_checkpoint(checkpoint)
-    assert not any(key.startswith("pretrain_network.") for key in torch.load(checkpoint, weights_only=False)["state_dict"])
+    assert not any(
+        key.startswith("pretrain_network.") for key in torch.load(checkpoint, weights_only=False)["state_dict"]
+    )
     restored = MSFlow.load_from_checkpoint(checkpoint)
     assert restored.pretrain_task == "cutpaste"
     images = torch.rand(2, 3, SIZE, SIZE)
@@ -88,7 +96,9 @@ def test_pretraining_then_flows_in_one_fit(textures_root: Path, tmp_path: Path) 
 
 def test_max_epochs_must_leave_room_for_the_flows(textures_root: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="counts both stages"):
-        _engine(tmp_path, max_epochs=2).fit(_model(pretrain_task="cutpaste", pretrain_epochs=2), datamodule=_datamodule(textures_root))
+        _engine(tmp_path, max_epochs=2).fit(
+            _model(pretrain_task="cutpaste", pretrain_epochs=2), datamodule=_datamodule(textures_root)
+        )
 
 
 class _StopAfterFirstEpoch(Callback):
@@ -114,7 +124,9 @@ def test_poisson_pretraining_resumes_from_a_pretraining_checkpoint(textures_root
     engine = _engine(tmp_path / "second", max_epochs=3)
     engine.fit(resumed, datamodule=datamodule, ckpt_path=checkpoint)
     assert engine.trainer.current_epoch == 3
-    assert {"pretrain_bce_epoch", "train_loss_epoch"} <= set(engine.trainer.callback_metrics)  # both stages ran after resume
+    assert {"pretrain_bce_epoch", "train_loss_epoch"} <= set(
+        engine.trainer.callback_metrics
+    )  # both stages ran after resume
     state = resumed.state_dict()
     encoder_keys = [key for key in state if key.startswith("model.feature_extractor.") and key.endswith("weight")]
     assert any(not torch.equal(state[key], saved[key]) for key in encoder_keys)  # pre-training went on at epoch 1
@@ -151,10 +163,17 @@ def test_checkpoint_reload_identical_and_onnx_export(textures_root: Path, tmp_pa
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input": images.numpy()}), strict=True))
+    outputs = dict(
+        zip([o.name for o in session.get_outputs()], session.run(None, {"input": images.numpy()}), strict=True)
+    )
     assert np.allclose(outputs["anomaly_map"], first.anomaly_map.numpy(), atol=1e-3)
     assert np.allclose(outputs["pred_score"], first.pred_score.numpy(), atol=1e-4)
-    assert outputs["pred_mask"].shape == (3, 1, NFA_SIZE, NFA_SIZE)  # thresholded map: the NFA max-tree is not in the graph
+    assert outputs["pred_mask"].shape == (
+        3,
+        1,
+        NFA_SIZE,
+        NFA_SIZE,
+    )  # thresholded map: the NFA max-tree is not in the graph
 
 
 @pytest.mark.usefixtures("single_threaded_subprocesses")

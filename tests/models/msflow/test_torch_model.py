@@ -112,7 +112,9 @@ def test_anomaly_map_is_not_normalised_per_image() -> None:
     assert torch.allclose(batched_map[0], single_map[0])
     assert (batched_map[1] > batched_map[0]).all()  # larger latents are more anomalous in absolute terms
     expected = sum(
-        torch.nn.functional.interpolate(0.5 * (z**2).mean(1, keepdim=True), size=(16, 16), mode="bilinear", align_corners=False)
+        torch.nn.functional.interpolate(
+            0.5 * (z**2).mean(1, keepdim=True), size=(16, 16), mode="bilinear", align_corners=False
+        )
         for z in latent
     )
     assert torch.allclose(single_map, expected)

@@ -45,7 +45,9 @@ class AnomalyMapGenerator(nn.Module):
         count = max(1, int(flat.shape[1] * self.top_k))
         return flat.topk(count, dim=1).values.mean(dim=1).to(log_likelihood.dtype)
 
-    def forward(self, latents: list[torch.Tensor], image_size: tuple[int, int] | torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, latents: list[torch.Tensor], image_size: tuple[int, int] | torch.Size
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(anomaly_map [N, 1, H, W], image_score [N])``."""
         log_likelihood = self.log_likelihood(latents, image_size)
         return -log_likelihood, self.image_score(log_likelihood)

@@ -206,7 +206,12 @@ class MSFlow(AnomalibModule):
     @property
     def flow_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters of the parallel and fusion flows."""
-        return [p for module in (self.model.parallel_flows, self.model.fusion_flow) for p in module.parameters() if p.requires_grad]
+        return [
+            p
+            for module in (self.model.parallel_flows, self.model.fusion_flow)
+            for p in module.parameters()
+            if p.requires_grad
+        ]
 
     def in_pretraining(self) -> bool:
         """Whether the current epoch belongs to the pre-training stage."""
@@ -225,7 +230,11 @@ class MSFlow(AnomalibModule):
             )
             raise ValueError(msg)
         strategy = self.trainer.strategy
-        if self.pretrain_epochs and isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters"):  # noqa: SLF001
+        if (
+            self.pretrain_epochs
+            and isinstance(strategy, DDPStrategy)
+            and not strategy._ddp_kwargs.get("find_unused_parameters")
+        ):  # noqa: SLF001
             msg = (
                 "With pretrain_task each stage leaves the other stage's parameters unused, which plain DDP rejects: use "
                 "`--trainer.strategy ddp_find_unused_parameters_true` (or DDPStrategy(find_unused_parameters=True))."
@@ -241,13 +250,15 @@ class MSFlow(AnomalibModule):
             )
 
     def on_train_epoch_start(self) -> None:
-        """Re-seed the synthetic anomalies per (seed, rank, epoch): a resumed run draws what the uninterrupted one drew."""
+        """Re-seed the synthetic anomalies per (seed, rank, epoch), so an epoch's draws do not depend on earlier epochs."""
         if self.anomaly_generator is not None and self.in_pretraining():
             self.anomaly_generator.rng = np.random.default_rng([self.seed, self.global_rank, self.current_epoch])
 
     def _synthetic_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Synthesise anomalies on pre-processed images: undo the pre-processor's normalisation, paste, redo it."""
-        normalize = _find_normalize(self.pre_processor.transform) if isinstance(self.pre_processor, PreProcessor) else None
+        normalize = (
+            _find_normalize(self.pre_processor.transform) if isinstance(self.pre_processor, PreProcessor) else None
+        )
         if normalize is None:
             return self.anomaly_generator(images)  # type: ignore[misc]
         mean = torch.tensor(normalize.mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
@@ -261,11 +272,11 @@ class MSFlow(AnomalibModule):
         if self.in_pretraining():
             images, masks = self._synthetic_batch(batch.image)
             loss = segmentation_loss(self.pretrain_network, images, masks)  # type: ignore[arg-type]
-            self.log("pretrain_bce", loss.item(), on_epoch=True, prog_bar=True, logger=True)
+            self.log("pretrain_bce", loss.item(), on_epoch=True, prog_bar=True, logger=True, batch_size=len(images))
             return {"loss": loss}
         latents, log_det = self.model(batch.image)
         loss = self.loss(latents, log_det)
-        self.log("train_loss", loss.item(), on_epoch=True, prog_bar=True, logger=True)
+        self.log("train_loss", loss.item(), on_epoch=True, prog_bar=True, logger=True, batch_size=len(batch.image))
         return {"loss": loss}
 
     def on_train_epoch_end(self) -> None:
@@ -330,7 +341,11 @@ class MSFlow(AnomalibModule):
         flow_epochs = max(1, total_epochs - pretrain_epochs)
 
         def flow_factor(epoch: int) -> float:
-            return 0.0 if epoch < pretrain_epochs else step_schedule_factor(epoch - pretrain_epochs, flow_epochs, **self.schedule)
+            return (
+                0.0
+                if epoch < pretrain_epochs
+                else step_schedule_factor(epoch - pretrain_epochs, flow_epochs, **self.schedule)
+            )
 
         def pretrain_factor(epoch: int) -> float:
             return step_schedule_factor(epoch, pretrain_epochs, **self.schedule) if epoch < pretrain_epochs else 0.0

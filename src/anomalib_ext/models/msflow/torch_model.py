@@ -105,7 +105,9 @@ class FusionFlow(nn.Module):
 
     def forward(self, features: list[torch.Tensor], rev: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Map per-scale tensors forwards (``rev=False``) or backwards; return the outputs and per-sample log-det."""
-        halves = [x.split([a, b], dim=1) for x, a, b in zip(features, self.first_halves, self.second_halves, strict=True)]
+        halves = [
+            x.split([a, b], dim=1) for x, a, b in zip(features, self.first_halves, self.second_halves, strict=True)
+        ]
         first = [a for a, _ in halves]
         second = [b for _, b in halves]
         log_det = features[0].new_zeros(features[0].shape[0])
