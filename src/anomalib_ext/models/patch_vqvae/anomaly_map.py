@@ -77,12 +77,14 @@ def ocsvm_decision_map(
     support_vectors = svm.support_vectors
     window = torch.ones(1, *support_vectors.shape[1:], dtype=dense_latents.dtype, device=dense_latents.device)
     latent_norms = F.conv2d(dense_latents.pow(2), window, dilation=stride)
-    decision = torch.zeros_like(latent_norms) + svm.intercept
+    # The kernel sum nearly cancels the intercept: accumulate in float64 (as libsvm does).
+    decision = latent_norms.double() * 0 + svm.intercept.double()
     for vectors, coefs in zip(support_vectors.split(chunk_size), svm.dual_coef.split(chunk_size), strict=True):
         products = F.conv2d(dense_latents, vectors, dilation=stride)
         squared = (latent_norms + vectors.pow(2).sum((1, 2, 3))[:, None, None] - 2 * products).clamp_min(0)
-        decision = decision + torch.einsum("bkhw,k->bhw", torch.exp(-svm.gamma * squared), coefs)[:, None]
-    return decision
+        kernel = torch.exp(-svm.gamma * squared).double()
+        decision = decision + torch.einsum("bkhw,k->bhw", kernel, coefs.double())[:, None]
+    return decision.to(dense_latents.dtype)
 
 
 def patch_ssim(first: torch.Tensor, second: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:

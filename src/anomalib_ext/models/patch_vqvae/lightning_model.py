@@ -168,6 +168,12 @@ class _PatchAutoencoderTraining:
             self._svm_latents.append(self.model.patch_latents(patches).cpu())
         if batch_idx + 1 >= self.trainer.num_training_batches:
             self._fit_svm()
+            # Count the fit as one (parameter-free) optimisation step: Lightning saves a checkpoint only when the
+            # global step moved, and Adam leaves parameters without gradients untouched.
+            optimizer = self.optimizers()
+            optimizer = optimizer[0] if isinstance(optimizer, list) else optimizer
+            optimizer.zero_grad(set_to_none=True)
+            optimizer.step()
         return None
 
     def _train_autoencoder(self, images: torch.Tensor) -> STEP_OUTPUT:

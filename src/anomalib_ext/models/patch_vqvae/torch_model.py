@@ -284,7 +284,9 @@ class OneClassSVMHead(nn.Module):
         flat = latents.reshape(latents.shape[0], -1)
         vectors = self.support_vectors.reshape(self.support_vectors.shape[0], -1)
         squared = torch.cdist(flat, vectors).pow(2)
-        return torch.exp(-self.gamma * squared) @ self.dual_coef + self.intercept
+        # The kernel sum nearly cancels the intercept: accumulate in float64 (as libsvm does).
+        kernel = torch.exp(-self.gamma * squared).double()
+        return (kernel @ self.dual_coef.double() + self.intercept.double()).to(latents.dtype)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
         # The number of support vectors is only known after the fit: take the stored shapes before copying.
