@@ -69,7 +69,9 @@ def run(model: torch.nn.Module, datamodule: Textures, max_epochs: int, workdir: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--root", type=Path, default=Path("./datasets/Textures"), help="Textures root (built if missing)")
+    parser.add_argument(
+        "--root", type=Path, default=Path("./datasets/Textures"), help="Textures root (built if missing)"
+    )
     parser.add_argument("--categories", nargs="+", default=["gravel", "brick"])
     parser.add_argument("--tnf-epochs", type=int, default=6)
     parser.add_argument("--bmr-epochs", type=int, default=6)
@@ -84,7 +86,9 @@ def main() -> None:
     results: dict[str, dict[str, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as workdir:
         for category in args.categories:
-            datamodule = Textures(root=args.root, category=category, tile_size=128, train_batch_size=4, eval_batch_size=16, num_workers=0)
+            datamodule = Textures(
+                root=args.root, category=category, tile_size=128, train_batch_size=4, eval_batch_size=16, num_workers=0
+            )
             results[category] = {}
             for name, options in VARIANTS.items():
                 seed_everything(args.seed, verbose=False)
@@ -110,7 +114,11 @@ def main() -> None:
             results[category]["PaDiM (stock)"] = run(padim, datamodule, 1, Path(workdir) / category / "padim")
             print(category, "PaDiM", results[category]["PaDiM (stock)"], flush=True)
 
-    print("\n| model | " + " | ".join(f"{c} image AUROC | {c} pixel AUROC | {c} fit+test s" for c in args.categories) + " |")
+    print(
+        "\n| model | "
+        + " | ".join(f"{c} image AUROC | {c} pixel AUROC | {c} fit+test s" for c in args.categories)
+        + " |"
+    )
     print("|---|" + "---|---|---|" * len(args.categories))
     for name in [*VARIANTS, "PaDiM (stock)"]:
         cells = []

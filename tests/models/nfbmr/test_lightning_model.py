@@ -32,7 +32,9 @@ def _model(**kwargs: object) -> NFBMR:
 
 
 def _datamodule(root: Path, batch_size: int = 4) -> Textures:
-    return Textures(root=root, category="gravel", num_workers=0, train_batch_size=batch_size, eval_batch_size=4, **TINY_DATA)
+    return Textures(
+        root=root, category="gravel", num_workers=0, train_batch_size=batch_size, eval_batch_size=4, **TINY_DATA
+    )
 
 
 def _engine(root: Path, max_epochs: int, **kwargs: object) -> Engine:
@@ -104,7 +106,9 @@ def test_stages_train_only_their_own_parameters_then_reload_and_export(textures_
     np.testing.assert_allclose(outputs["pred_score"], torch_output.pred_score.numpy(), atol=1e-4)
 
 
-def test_resume_from_a_checkpoint_taken_in_stage_1_matches_the_uninterrupted_run(textures_root: Path, tmp_path: Path) -> None:
+def test_resume_from_a_checkpoint_taken_in_stage_1_matches_the_uninterrupted_run(
+    textures_root: Path, tmp_path: Path
+) -> None:
     """Full-batch training (8 images, batch 8) so that both runs see the same gradients whatever the data order."""
     torch.manual_seed(0)
     model = _model(tnf_epochs=2, bmr_epochs=1)
@@ -125,7 +129,9 @@ def test_resume_from_a_checkpoint_taken_in_stage_1_matches_the_uninterrupted_run
         model=resumed, datamodule=_datamodule(textures_root, batch_size=8), ckpt_path=str(mid_stage_1)
     )
     _assert_same(resumed.model.state_dict(), snapshots.states[-1], atol=1e-5)  # stage 1 finished, stage 2 ran
-    torch.testing.assert_close(resumed.post_processor.image_threshold, model.post_processor.image_threshold, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        resumed.post_processor.image_threshold, model.post_processor.image_threshold, rtol=1e-4, atol=1e-5
+    )
 
 
 def test_nf_only_trains_one_stage_and_too_few_epochs_are_refused(textures_root: Path, tmp_path: Path) -> None:
@@ -135,23 +141,47 @@ def test_nf_only_trains_one_stage_and_too_few_epochs_are_refused(textures_root: 
     engine.fit(model=model, datamodule=_datamodule(textures_root))
     assert engine.trainer.current_epoch == 1
     with pytest.raises(ValueError, match=r"max_epochs=1 is shorter than NF-BMR's stages.*= 3"):
-        _engine(tmp_path / "short", max_epochs=1).fit(model=_model(tnf_epochs=1, bmr_epochs=2), datamodule=_datamodule(textures_root))
+        _engine(tmp_path / "short", max_epochs=1).fit(
+            model=_model(tnf_epochs=1, bmr_epochs=2), datamodule=_datamodule(textures_root)
+        )
     with pytest.raises(ValueError, match="at least one epoch"):
         _model(tnf_epochs=0)
 
 
-def test_stock_cli_train_then_test_with_nfa_mask(anomalib_cli, tiny_textures_args, resize_pre_processor, tmp_path: Path) -> None:
-    common = ["--model", "NFBMR", *CLI_MODEL_ARGS, "--model.use_nfa_mask", "true", "--model.pre_processor", resize_pre_processor(64)]
+def test_stock_cli_train_then_test_with_nfa_mask(
+    anomalib_cli, tiny_textures_args, resize_pre_processor, tmp_path: Path
+) -> None:
+    common = [
+        "--model",
+        "NFBMR",
+        *CLI_MODEL_ARGS,
+        "--model.use_nfa_mask",
+        "true",
+        "--model.pre_processor",
+        resize_pre_processor(64),
+    ]
     stages = ["--model.tnf_epochs", "1", "--model.bmr_epochs", "1", "--trainer.max_epochs", "2"]
     result = anomalib_cli(
-        "train", *common, *stages, *tiny_textures_args("gravel"), "--trainer.limit_train_batches", "2",
-        "--default_root_dir", str(tmp_path / "train"),
+        "train",
+        *common,
+        *stages,
+        *tiny_textures_args("gravel"),
+        "--trainer.limit_train_batches",
+        "2",
+        "--default_root_dir",
+        str(tmp_path / "train"),
     )
     assert "image_AUROC" in result.stdout
     checkpoints = list((tmp_path / "train").rglob("*.ckpt"))
     assert len(checkpoints) == 1
     result = anomalib_cli(
-        "test", *common, *tiny_textures_args("gravel"), "--ckpt_path", str(checkpoints[0]), "--default_root_dir", str(tmp_path / "test"),
+        "test",
+        *common,
+        *tiny_textures_args("gravel"),
+        "--ckpt_path",
+        str(checkpoints[0]),
+        "--default_root_dir",
+        str(tmp_path / "test"),
     )
     assert "pixel_AUROC" in result.stdout
     assert list((tmp_path / "test").rglob("images/**/*.png"))
@@ -159,10 +189,27 @@ def test_stock_cli_train_then_test_with_nfa_mask(anomalib_cli, tiny_textures_arg
 
 def test_ddp_smoke_through_both_stages(anomalib_cli, tiny_textures_args, resize_pre_processor, tmp_path: Path) -> None:
     anomalib_cli(
-        "fit", "--model", "NFBMR", *CLI_MODEL_ARGS, "--model.pre_processor", resize_pre_processor(64),
-        "--model.tnf_epochs", "1", "--model.bmr_epochs", "1", "--trainer.max_epochs", "2", *tiny_textures_args("gravel"),
-        "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
-        "--default_root_dir", str(tmp_path),
+        "fit",
+        "--model",
+        "NFBMR",
+        *CLI_MODEL_ARGS,
+        "--model.pre_processor",
+        resize_pre_processor(64),
+        "--model.tnf_epochs",
+        "1",
+        "--model.bmr_epochs",
+        "1",
+        "--trainer.max_epochs",
+        "2",
+        *tiny_textures_args("gravel"),
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
+        "--trainer.accelerator",
+        "cpu",
+        "--default_root_dir",
+        str(tmp_path),
     )
     checkpoints = list(tmp_path.rglob("*.ckpt"))
     assert len(checkpoints) == 1

@@ -87,7 +87,9 @@ def test_bmr_shares_one_middle_block_between_both_nets() -> None:
     assert len(bmr.tmnn.head) == len(bmr.tmnn.tail) == len(bmr.smnn.head) == len(bmr.smnn.tail) == 2
     shared_keys = [key for key in bmr.state_dict() if "shared_block" in key]
     assert shared_keys and all(key.startswith("shared_block.") for key in shared_keys)  # stored once
-    assert not any(isinstance(module, type(bmr.shared_block)) and module is bmr.shared_block for module in bmr.tmnn.modules())
+    assert not any(
+        isinstance(module, type(bmr.shared_block)) and module is bmr.shared_block for module in bmr.tmnn.modules()
+    )
     source, target = torch.randn(2, 6, 3, 3), torch.randn(2, 6, 3, 3)
     _, source_hat, _, target_hat = bmr(source, target)
     shared = list(bmr.shared_block.parameters())
@@ -117,7 +119,9 @@ def test_losses_follow_eqs_8_and_11_to_13() -> None:
     expected = (0.5 * (1 + 4 + 0 + 1) - 0.5) / 4
     torch.testing.assert_close(FlowNLLLoss()(target, log_jacobian), torch.tensor(expected))
     source, source_hat = torch.ones(2, 3, 2, 2), torch.zeros(2, 3, 2, 2)
-    total, source_loss, target_loss = BidirectionalMappingLoss()(source, source_hat, target.repeat(2, 1, 1, 1), target.repeat(2, 1, 1, 1) + 2)
+    total, source_loss, target_loss = BidirectionalMappingLoss()(
+        source, source_hat, target.repeat(2, 1, 1, 1), target.repeat(2, 1, 1, 1) + 2
+    )
     torch.testing.assert_close(source_loss, torch.tensor(1.0))
     torch.testing.assert_close(target_loss, torch.tensor(4.0))
     torch.testing.assert_close(total, torch.tensor(5.0))
@@ -134,7 +138,9 @@ def test_score_map_is_eq_14_upsampled_and_image_score_is_its_max() -> None:
     assert output.anomaly_map.shape == (1, 1, 8, 8)
     torch.testing.assert_close(output.pred_score, output.anomaly_map.flatten(1).amax(dim=1))
     assert output.pred_mask is None and output.pred_label is None
-    torch.testing.assert_close(AnomalyMapGenerator.flow_distance(torch.full((1, 4, 1, 1), 2.0)), torch.full((1, 1, 1, 1), 8.0))
+    torch.testing.assert_close(
+        AnomalyMapGenerator.flow_distance(torch.full((1, 4, 1, 1), 2.0)), torch.full((1, 1, 1, 1), 8.0)
+    )
 
 
 def test_model_modes_and_nfa_mask() -> None:

@@ -52,4 +52,6 @@ class AnomalyMapGenerator(nn.Module):
         if self.use_nfa_mask and not torch.compiler.is_exporting():
             _, pred_mask = a_contrario_segmentation([target], self.input_size, self.log_nfa_threshold)
             pred_label = pred_mask.flatten(1).any(dim=1)
-        return InferenceBatch(pred_score=pred_score, pred_label=pred_label, anomaly_map=anomaly_map, pred_mask=pred_mask)
+        return InferenceBatch(
+            pred_score=pred_score, pred_label=pred_label, anomaly_map=anomaly_map, pred_mask=pred_mask
+        )

@@ -187,7 +187,9 @@ class NFBMR(AnomalibModule):
         if stage != self._announced_stage:
             self._announced_stage = stage
             if stage == TNF_STAGE:
-                logger.info("NF-BMR stage 1/2: TNF flow, epochs %d-%d (eq. 8).", self.current_epoch, self.tnf_epochs - 1)
+                logger.info(
+                    "NF-BMR stage 1/2: TNF flow, epochs %d-%d (eq. 8).", self.current_epoch, self.tnf_epochs - 1
+                )
             else:
                 logger.info(
                     "NF-BMR stage 2/2: %s mapper, epochs %d-%d, extractor and TNF frozen (eqs. 11-13).",

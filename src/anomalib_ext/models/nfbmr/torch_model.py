@@ -23,7 +23,7 @@ Eval outputs: ``anomaly_map`` = eq. 14 (or the flow's ``-log p_Z(z)`` with ``nf_
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -109,7 +109,7 @@ class SourceFeatureExtractor(nn.Module):
             return self.feature_extractor(image)["feature"]
 
 
-def _flow_subnet(hidden_channels: int, kernel_size: int) -> callable:
+def _flow_subnet(hidden_channels: int, kernel_size: int) -> Callable[[int, int], nn.Module]:
     """Subnet constructor of the coupling blocks: conv - ReLU - conv, last conv zero-initialised (identity start)."""
 
     def constructor(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -150,7 +150,9 @@ def build_target_flow(
     try:
         for block in range(coupling_blocks):
             flow.append(fm.PermuteRandom, seed=permutation_seed + block)
-            flow.append(fm.GLOWCouplingBlock, subnet_constructor=_flow_subnet(hidden_channels, kernel_size), clamp=clamp)
+            flow.append(
+                fm.GLOWCouplingBlock, subnet_constructor=_flow_subnet(hidden_channels, kernel_size), clamp=clamp
+            )
     finally:
         np.random.set_state(numpy_state)
     return flow
@@ -184,8 +186,12 @@ class MappingNetwork(nn.Module):
     def __init__(self, channels: int, hidden_channels: int, bottleneck_channels: int, blocks_per_side: int) -> None:
         super().__init__()
         self.input_conv = nn.Conv2d(channels, hidden_channels, 1)
-        self.head = nn.Sequential(*[ResidualBottleneck(hidden_channels, bottleneck_channels) for _ in range(blocks_per_side)])
-        self.tail = nn.Sequential(*[ResidualBottleneck(hidden_channels, bottleneck_channels) for _ in range(blocks_per_side)])
+        self.head = nn.Sequential(
+            *[ResidualBottleneck(hidden_channels, bottleneck_channels) for _ in range(blocks_per_side)]
+        )
+        self.tail = nn.Sequential(
+            *[ResidualBottleneck(hidden_channels, bottleneck_channels) for _ in range(blocks_per_side)]
+        )
         self.output_conv = nn.Conv2d(hidden_channels, channels, 1)
 
     def forward(self, features: torch.Tensor, shared_block: nn.Module) -> torch.Tensor:
@@ -216,7 +222,9 @@ class BidirectionalMappingResidual(nn.Module):
         self.tmnn = MappingNetwork(channels, hidden_channels, bottleneck_channels, blocks_per_side)
         self.smnn = MappingNetwork(channels, hidden_channels, bottleneck_channels, blocks_per_side)
 
-    def forward(self, source: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, source: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return ``(y, y_hat, z, z_hat)``: the compared pairs of eqs. 11-14."""
         return source, self.smnn(target, self.shared_block), target, self.tmnn(source, self.shared_block)
 
@@ -251,11 +259,15 @@ class BidirectionalFeatureMapping(nn.Module):
         if hidden_channels < 2:
             msg = f"mapper_hidden_channels must be >= 2, got {hidden_channels}."
             raise ValueError(msg)
-        self.shared_bottleneck = nn.Sequential(nn.Conv2d(hidden_channels // 2, hidden_channels // 2, 1), nn.ReLU(inplace=True))
+        self.shared_bottleneck = nn.Sequential(
+            nn.Conv2d(hidden_channels // 2, hidden_channels // 2, 1), nn.ReLU(inplace=True)
+        )
         self.source_to_target = _FeatureMappingDirection(channels, hidden_channels)
         self.target_to_source = _FeatureMappingDirection(channels, hidden_channels)
 
-    def forward(self, source: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, source: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return ``(y, y_hat, z, z_hat)`` in the L2-normalised feature spaces."""
         source = F.normalize(source, dim=1)
         target = F.normalize(target, dim=1)
@@ -323,7 +335,9 @@ class NFBMRModel(nn.Module):
         self.mapper: nn.Module | None = None
         if not nf_only:
             if mapper == "bmr":
-                self.mapper = BidirectionalMappingResidual(channels, mapper_hidden_channels, bottleneck_channels, residual_blocks)
+                self.mapper = BidirectionalMappingResidual(
+                    channels, mapper_hidden_channels, bottleneck_channels, residual_blocks
+                )
             else:
                 self.mapper = BidirectionalFeatureMapping(channels, mapper_hidden_channels)
         self.anomaly_map_generator = AnomalyMapGenerator(self.input_size, use_nfa_mask, log_nfa_threshold)
@@ -341,7 +355,9 @@ class NFBMRModel(nn.Module):
         """Target feature ``z = TNF(y)`` (eq. 2) and the per-sample ``log |det dz/dy|``."""
         return self.flow(source)
 
-    def map(self, source: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def map(
+        self, source: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(y, y_hat, z, z_hat)`` of the mapper (eqs. 9-10)."""
         if self.mapper is None:
             msg = "This NF-BMR model has no mapper (nf_only=True)."
