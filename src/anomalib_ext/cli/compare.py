@@ -363,6 +363,10 @@ def run_cell_worker(job_file: Path) -> int:
     try:
         import torch
         from anomalib.cli import AnomalibCLI
+        from lightning.pytorch import seed_everything
+
+        # Anomalib 2.7's CLI accepts --seed_everything but never applies it: seed before it instantiates the classes.
+        seed_everything(job["seed"], workers=True)
 
         collector = {
             "class_path": f"{__name__}.ExampleCollector",
@@ -563,6 +567,7 @@ def run_cell(grid: GridSpec, cell: Cell, output: Path, force: bool = False) -> t
         "arguments": cell_arguments(grid, cell),
         "fingerprint": fingerprint,
         "num_examples": grid.num_examples,
+        "seed": cell.seed,
     }
     job_file = directory / "job.json"
     job_file.write_text(json.dumps(job, indent=2))
