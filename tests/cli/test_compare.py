@@ -194,6 +194,11 @@ def test_only_runs_the_named_models_and_reports_the_others_from_disk(tmp_path: P
     ]
     assert "| Broken | TinyTextures | gravel | 0 |" in (tmp_path / "out" / "results.md").read_text()
 
+    (padim_cell.directory(tmp_path / "out") / "result.json").unlink()  # as while another runner works on it
+    (padim_cell.directory(tmp_path / "out") / "job.json").write_text("{}")
+    rows = run_grid(grid, tmp_path / "out", report_only=True, log=lines.append)
+    assert [row["status"] for row in rows] == ["unfinished", "failed"] and len(lines) == 1
+
 
 def test_finished_cell_is_recomputed_when_its_model_source_changes(tmp_path: Path) -> None:
     package = tmp_path / "my_model"

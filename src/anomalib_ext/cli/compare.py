@@ -809,11 +809,13 @@ def run_grid(
     output: Path | None = None,
     force: bool = False,
     only: Sequence[str] | None = None,
+    report_only: bool = False,
     log=print,  # noqa: ANN001
 ) -> list[dict[str, Any]]:
     """Run every cell (resuming finished ones), write the reports after each cell, return the result rows.
 
     ``only``: names of the models whose cells run; the other cells are reported from what is on disk.
+    ``report_only``: run nothing, only rewrite the reports from what is on disk.
     """
     output = Path(output or grid.output)
     unknown = set(only or ()) - {model.name for model in grid.models}
@@ -823,9 +825,8 @@ def run_grid(
     cells = grid_cells(grid)
     rows: list[dict[str, Any]] = []
     for number, cell in enumerate(cells, start=1):
-        if only and cell.model.name not in only:
-            result = read_result(cell.directory(output)) or {"status": "not run"}
-            rows.append(result_row(cell, result))
+        if report_only or (only and cell.model.name not in only):
+            rows.append(result_row(cell, read_result(cell.directory(output)) or _unfinished(cell.directory(output))))
             continue
         result, skipped = run_cell(grid, cell, output, force=force)
         rows.append(result_row(cell, result))
@@ -840,7 +841,13 @@ def run_grid(
         log(f"[{number}/{len(cells)}] {cell.label}: {status}{suffix}")
         pending = [result_row(other, {"status": "pending"}) for other in cells[number:]]
         write_reports(grid, rows + pending, output)
+    write_reports(grid, rows, output)
     return rows
+
+
+def _unfinished(directory: Path) -> dict[str, Any]:
+    """Status of a cell without a result: started (a job file exists) but not finished, or never run."""
+    return {"status": "unfinished" if (directory / "job.json").is_file() else "not run"}
 
 
 # ------------------------------------------------------------------------------------------------------------ commands
@@ -854,6 +861,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--only",
         default=None,
         help="comma-separated model names: run only their cells (the others are reported as on disk)",
+    )
+    parser.add_argument(
+        "--report-only", action="store_true", help="run nothing; rewrite the table and plots from the finished cells"
     )
     parser.add_argument(
         "--dry-run", action="store_true", help="print each cell's equivalent `anomalib train` command and stop"
@@ -873,7 +883,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so that a terminated runner kills its running cell
     only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
-    rows = run_grid(grid, output, force=args.force, only=only)
+    rows = run_grid(grid, output, force=args.force, only=only, report_only=args.report_only)
     failed = sum(row["status"] != "ok" for row in rows)
     print(f"\n{len(rows) - failed}/{len(rows)} cells ok. Table: {output / 'results.md'}, plots: {output / 'plots'}")
     return 0
