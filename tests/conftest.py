@@ -16,10 +16,11 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from anomalib_ext.data.textures import CATEGORIES, Textures
 
@@ -42,6 +43,15 @@ def _resize_pre_processor(size: int, normalize: bool = True) -> str:
         )
     transform = {"class_path": "torchvision.transforms.v2.Compose", "init_args": {"transforms": transforms}}
     return json.dumps({"class_path": "anomalib.pre_processing.PreProcessor", "init_args": {"transform": transform}})
+
+
+@pytest.fixture(autouse=True)
+def _single_thread() -> Iterator[None]:
+    """Torch runs single-threaded in tests: CI runs two pytest workers on two cores, and oversubscription is far slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -84,7 +94,7 @@ def anomalib_cli(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
     def run(
         *args: str, cwd: Path | None = None, expect_failure: bool = False, timeout: int = 600
     ) -> subprocess.CompletedProcess:
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
         result = subprocess.run(
             [executable, *args],
             cwd=cwd or tmp_path,

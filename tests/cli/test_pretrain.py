@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -14,14 +13,6 @@ import torch
 
 from anomalib_ext.cli.main import main
 from anomalib_ext.components.backbones import build_timm_model
-
-
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _tiny_args(textures_root: Path, output: Path) -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -25,15 +24,6 @@ from anomalib_ext.components.task_pretraining import (
 from anomalib_ext.models.msflow.torch_model import MSFlowModel
 
 SIZE = 64
-
-
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core machine torch's default threading makes these steps ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _texture_batch(count: int = 4) -> torch.Tensor:
