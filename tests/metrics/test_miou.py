@@ -59,3 +59,14 @@ def test_usable_in_evaluator_and_errors() -> None:
         per_image_iou(torch.zeros(2, 4, 4), torch.zeros(2, 5, 5))
     with pytest.raises(RuntimeError, match="before any image"):
         MIoU().compute()
+
+
+def test_oracle_miou_computes_on_ddp_synced_state() -> None:
+    """After a DDP sync torchmetrics replaces list states by one concatenated tensor; compute() must accept it."""
+    _, gt = _masks()
+    anomaly_map = torch.zeros(3, 4, 4)
+    anomaly_map[gt] = 1.0
+    metric = OracleMIoU()
+    metric.update(ImageBatch(image=torch.rand(3, 3, 4, 4), anomaly_map=anomaly_map, gt_mask=gt))
+    metric.maps, metric.masks = torch.cat(metric.maps), torch.cat(metric.masks)  # what the "cat" sync leaves
+    assert metric.compute().item() == pytest.approx(1.0, abs=1e-5)

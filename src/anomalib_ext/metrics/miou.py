@@ -101,7 +101,7 @@ class _OracleMIoU(Metric):
         self.masks.append(masks)
 
     def compute(self) -> torch.Tensor:
-        if not self.maps:
+        if len(self.maps) == 0:  # a list before DDP sync, a concatenated tensor after it
             msg = "OracleMIoU.compute() called before any image was seen."
             raise RuntimeError(msg)
         maps, masks = dim_zero_cat(self.maps), dim_zero_cat(self.masks)
