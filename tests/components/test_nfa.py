@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from nfa_reference import reference_segmentation
 from scipy import ndimage
 
 from anomalib_ext.components.nfa import (
@@ -18,6 +17,7 @@ from anomalib_ext.components.nfa import (
     log10_number_of_tests,
     region_log10_pfa_map,
 )
+from tests.components.nfa_reference import reference_segmentation
 
 # 4x4 hand-checkable map. Upper level sets: the whole image at level 1 (root); a 2x2 block at level 4 whose three
 # pixels at level 5 form its only child; a vertical pair at level 3; a single pixel at level 2.

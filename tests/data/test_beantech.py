@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dataset_layouts import BEANTECH_COUNTS, BEANTECH_EXTENSIONS, BEANTECH_SIZE, beantech_mask, make_beantech
 from PIL import Image
 
 from anomalib_ext.data import BeanTech
 from anomalib_ext.data.validation import DatasetLayoutError
+from tests.data.dataset_layouts import BEANTECH_COUNTS, BEANTECH_EXTENSIONS, BEANTECH_SIZE, beantech_mask, make_beantech
 
 
 def _setup(root: Path, category: str = "01", **kwargs) -> BeanTech:

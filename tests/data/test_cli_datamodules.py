@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from dataset_layouts import make_beantech, make_crack500_full, make_dagm
 
 import anomalib_ext.data
+from tests.data.dataset_layouts import make_beantech, make_crack500_full, make_dagm
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "data"
 

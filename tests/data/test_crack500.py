@@ -7,13 +7,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dataset_layouts import CRACK500_NAMES, CRACK500_SIZE, crack500_mask, make_crack500_crops, make_crack500_full
 from PIL import Image
 from torchvision.transforms.v2 import Resize
 
 from anomalib_ext.data import Crack500
 from anomalib_ext.data.crack500 import Crack500Dataset, tile_boundaries
 from anomalib_ext.data.validation import DatasetLayoutError
+from tests.data.dataset_layouts import (
+    CRACK500_NAMES,
+    CRACK500_SIZE,
+    crack500_mask,
+    make_crack500_crops,
+    make_crack500_full,
+)
 
 # Fixture photographs sorted by name: indices 2, 0, 1 (first 3 -> training), then 4, 3 (test); see dataset_layouts.
 EXPECTED_COUNTS = {"train_good": 21, "train_crack": 0, "train_crack_excluded": 6, "test_good": 14, "test_crack": 4}

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dataset_layouts import DAGM_DEFECTIVE, DAGM_IMAGES_PER_SPLIT, DAGM_SIZE, make_dagm
 from PIL import Image
 
 from anomalib_ext.data import DAGM
 from anomalib_ext.data.dagm import parse_labels_file
 from anomalib_ext.data.validation import DatasetLayoutError
+from tests.data.dataset_layouts import DAGM_DEFECTIVE, DAGM_IMAGES_PER_SPLIT, DAGM_SIZE, make_dagm
 
 
 def _setup(root: Path, **kwargs) -> DAGM:
