@@ -20,7 +20,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from anomalib_ext.components.synthetic import MaskedImageSource, _images_in, read_rgb
+from anomalib_ext.components.synthetic import MaskedImageSource, images_in, read_rgb
 
 ADE20KSplit = Literal["training", "validation"]
 ADE20K_SPLITS: tuple[str, ...] = ("training", "validation")
@@ -81,7 +81,7 @@ class ADE20KSource(MaskedImageSource):
             if not (images_dir.is_dir() and labels_dir.is_dir()):
                 msg = f"ADE20K scene-parsing layout under {self.root} needs both {images_dir} and {labels_dir}."
                 raise FileNotFoundError(msg)
-            return self._match(_images_in(images_dir), _images_in(labels_dir), str, labels_dir)
+            return self._match(images_in(images_dir), images_in(labels_dir), str, labels_dir)
         self.instance_encoding = True
         pairs = []
         for seg in sorted(self.root.rglob(f"*{FULL_ADE20K_SEG_SUFFIX}.png")):

@@ -234,7 +234,8 @@ def read_mask(path: str | Path) -> np.ndarray:
     return array > 0
 
 
-def _images_in(folder: Path) -> list[Path]:
+def images_in(folder: Path) -> list[Path]:
+    """Sorted image files (by suffix, case-insensitive) directly inside ``folder``."""
     return sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
 
 
@@ -272,17 +273,17 @@ class MaskedImageSource:
                 path for path in (self.root / "test").iterdir() if path.is_dir() and path.name != "good"
             ):
                 masks_dir = self.root / "ground_truth" / defect_dir.name
-                images = _images_in(defect_dir)
-                masks = _images_in(masks_dir) if masks_dir.is_dir() else []
+                images = images_in(defect_dir)
+                masks = images_in(masks_dir) if masks_dir.is_dir() else []
                 pairs += self._match(images, masks, lambda stem: f"{stem}_mask", masks_dir)
             return pairs
         if (self.root / "images").is_dir() and (self.root / "masks").is_dir():
             return self._match(
-                _images_in(self.root / "images"), _images_in(self.root / "masks"), str, self.root / "masks"
+                images_in(self.root / "images"), images_in(self.root / "masks"), str, self.root / "masks"
             )
         pairs = []
         for folder in sorted({path.parent for path in self.root.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES}):
-            files = _images_in(folder)
+            files = images_in(folder)
             masks = [path for path in files if path.stem.endswith("_mask")]
             images = [path for path in files if not path.stem.endswith("_mask")]
             pairs += self._match(images, masks, lambda stem: f"{stem}_mask", folder)
