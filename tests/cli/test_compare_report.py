@@ -51,6 +51,17 @@ def test_cross_category_mean_uses_only_categories_every_model_finished_and_flags
     assert notes == ["D/hard left out: no finished cell for B."]
 
 
+def test_a_model_without_any_finished_cell_is_flagged_without_emptying_the_comparison() -> None:
+    rows = [_row("A", "x", 0, 0.9), _row("A", "y", 0, 0.7), _row("B", "x", 0, None, "not run")]
+    rows.append(_row("B", "y", 0, None, "failed"))
+
+    table, notes = cross_category_summary(rows, [METRIC])
+
+    assert table[0][:4] == ["A", "D", "2/2", "0.800"]
+    assert table[1][2:4] == ["0/2", ""] and table[1][4].startswith("⚠ 2:")
+    assert notes == ["D: B has no finished cell; the other models are compared without it."]
+
+
 def test_models_restricted_to_their_papers_categories_are_averaged_within_their_group() -> None:
     rows = [
         _row("All", "wood", 0, 0.9),

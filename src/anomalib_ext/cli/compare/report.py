@@ -102,7 +102,8 @@ def category_summary(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> 
 def cross_category_summary(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> tuple[list[list[str]], list[str]]:
     """Per model x dataset: the mean over categories of the per-category seed means, over the categories where
     *every* model has at least one finished cell (so no model is compared on an easier subset); returns the table
-    and notes naming the categories left out and why.
+    and notes naming the categories left out and why. A model without any finished cell in a dataset is flagged and
+    does not narrow the others' comparison.
 
     Models restricted to their own categories in the spec are grouped by category set, and each group is averaged
     over its own common categories."""
@@ -117,21 +118,24 @@ def cross_category_summary(rows: Sequence[dict[str, Any]], columns: Sequence[str
             notes.append(f"{dataset}: models run on different category sets; compare rows with the same categories.")
         finished = {(row["model"], row["category"]) for row in cells if row["status"] == "ok"}
         for categories, models in groups.items():
-            common = [c for c in categories if all((model, c) in finished for model in models)]
+            # A model without any finished cell here (not run yet, or failed everywhere) cannot narrow the comparison.
+            ranked = [model for model in models if any((model, c) in finished for c in categories)]
+            for model in sorted(set(models) - set(ranked), key=models.index):
+                notes.append(f"{dataset}: {model} has no finished cell; the other models are compared without it.")
+            common = [c for c in categories if ranked and all((model, c) in finished for model in ranked)]
             for category in categories:
-                if category not in common:
-                    lacking = [model for model in models if (model, category) not in finished]
+                if category not in common and ranked:
+                    lacking = [model for model in ranked if (model, category) not in finished]
                     others = f" (compared with {', '.join(models)})" if len(groups) > 1 else ""
                     notes.append(f"{dataset}/{category} left out: no finished cell for {', '.join(lacking)}{others}.")
             for model in models:
                 own = [row for row in cells if row["model"] == model]
-                shown = (
-                    ", ".join(common) if len(groups) > 1 and len(common) <= 4 else f"{len(common)}/{len(categories)}"
-                )
+                used = common if model in ranked else []
+                shown = ", ".join(used) if len(groups) > 1 and 0 < len(used) <= 4 else f"{len(used)}/{len(categories)}"
                 values = [model, dataset, shown]
                 for column in columns:
                     means = []
-                    for category in common:
+                    for category in used:
                         seeds = [row[column] for row in own if row["category"] == category and row["status"] == "ok"]
                         seeds = [value for value in seeds if value is not None and not math.isnan(value)]
                         if seeds:
