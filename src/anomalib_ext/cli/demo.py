@@ -167,11 +167,14 @@ def run(args: argparse.Namespace) -> int:
     if not args.verbose:
         _quiet()  # again: importing Lightning resets its loggers to INFO
 
+    epochs = args.max_epochs or DEMO_EPOCHS[args.model]
+    if args.model == "msflow_cutpaste" and epochs <= MSFLOW_PRETRAIN_EPOCHS:
+        msg = f"--max-epochs must exceed the {MSFLOW_PRETRAIN_EPOCHS} CutPaste pre-training epochs of msflow_cutpaste."
+        raise SystemExit(msg)
     seed_everything(args.seed, verbose=False)
     datamodule = Textures(root=args.root, category=args.category, num_workers=0, train_batch_size=8, eval_batch_size=8)
     nfa_mask = args.model == "uflow_nfa" or (args.model == "msflow_cutpaste" and args.mask != "threshold")
     model = build_model(args.model, args.image_size, nfa_mask=nfa_mask)
-    epochs = args.max_epochs or DEMO_EPOCHS[args.model]
     counts = MaskCounts()
     engine = Engine(
         default_root_dir=args.output,
