@@ -9,7 +9,8 @@ stock Anomalib engine, and the script reports Anomalib's image and pixel AUROC p
 * PaDiM: stock ``anomalib.models.Padim`` on ``efficientnet_lite0.anomalib_ext`` taps ``blocks.1`` + ``blocks.2``
   (strides 4/8), 48 random channels, as ``configs/stock/padim_textures.yaml``.
 
-Command used for docs/benchmarks.md::
+The CPU settings (tap, input size, widths, epochs, learning rate) are options, and ``--seeds`` repeats every run with
+several seeds (mean ± std), so the same script serves the CPU sweep of docs/benchmarks.md. Command used there::
 
     python benchmarks/nfbmr_ablation.py --categories gravel brick --output nfbmr_ablation.json
 """
@@ -24,6 +25,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from anomalib.engine import Engine
 from anomalib.models import Padim
@@ -32,18 +34,7 @@ from lightning.pytorch import seed_everything
 from anomalib_ext.data import Textures
 from anomalib_ext.models import NFBMR
 
-IMAGE_SIZE = (128, 128)
 VARIANTS = {"NF only": {"nf_only": True}, "NF + B-PFM": {"mapper": "bpfm"}, "NF + BMR (n=2)": {"mapper": "bmr"}}
-NFBMR_CPU = {
-    "backbone": "efficientnet_lite0",
-    "layer": "blocks.4",
-    "flow_hidden_channels": 128,
-    "mapper_hidden_channels": 128,
-    "bottleneck_channels": 32,
-    "residual_blocks": 2,
-    "tnf_lr": 1e-3,
-    "bmr_lr": 1e-3,
-}
 
 
 def run(model: torch.nn.Module, datamodule: Textures, max_epochs: int, workdir: Path) -> dict[str, float]:
@@ -67,67 +58,103 @@ def run(model: torch.nn.Module, datamodule: Textures, max_epochs: int, workdir: 
     }
 
 
-def main() -> None:
+def _options() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--root", type=Path, default=Path("./datasets/Textures"), help="Textures root (built if missing)"
     )
     parser.add_argument("--categories", nargs="+", default=["gravel", "brick"])
+    parser.add_argument("--variants", nargs="+", default=[*VARIANTS, "PaDiM (stock)"], help="rows to run")
+    parser.add_argument("--image-size", type=int, default=128, help="tile and input size (px)")
+    parser.add_argument("--layer", default="blocks.4", help="EfficientNet-Lite0 tap of the SNN")
+    parser.add_argument("--flow-hidden", type=int, default=128)
+    parser.add_argument("--mapper-hidden", type=int, default=128)
+    parser.add_argument("--bottleneck", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of both stages")
+    parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--tnf-epochs", type=int, default=6)
     parser.add_argument("--bmr-epochs", type=int, default=6)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--output", type=Path, default=None, help="JSON file for the results")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def _model(name: str, args: argparse.Namespace, size: tuple[int, int]) -> torch.nn.Module:
+    if name == "PaDiM (stock)":
+        return Padim(
+            backbone="efficientnet_lite0.anomalib_ext",
+            layers=["blocks.1", "blocks.2"],
+            n_features=48,
+            pre_processor=Padim.configure_pre_processor(size),
+            visualizer=False,
+        )
+    return NFBMR(
+        backbone="efficientnet_lite0",
+        layer=args.layer,
+        flow_hidden_channels=args.flow_hidden,
+        mapper_hidden_channels=args.mapper_hidden,
+        bottleneck_channels=args.bottleneck,
+        residual_blocks=2,
+        tnf_lr=args.lr,
+        bmr_lr=args.lr,
+        tnf_epochs=args.tnf_epochs,
+        bmr_epochs=args.bmr_epochs,
+        **VARIANTS[name],
+        pre_processor=NFBMR.configure_pre_processor(size),
+        visualizer=False,
+    )
+
+
+def _cell(values: list[float]) -> str:
+    return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+
+
+def main() -> None:
+    args = _options()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("anomalib").setLevel(logging.ERROR)
+    size = (args.image_size, args.image_size)
 
-    results: dict[str, dict[str, dict[str, float]]] = {}
+    results: dict[str, dict[str, list[dict[str, float]]]] = {}
     with tempfile.TemporaryDirectory() as workdir:
         for category in args.categories:
             datamodule = Textures(
-                root=args.root, category=category, tile_size=128, train_batch_size=4, eval_batch_size=16, num_workers=0
+                root=args.root,
+                category=category,
+                tile_size=args.image_size,
+                train_batch_size=args.batch_size,
+                eval_batch_size=16,
+                num_workers=0,
             )
             results[category] = {}
-            for name, options in VARIANTS.items():
-                seed_everything(args.seed, verbose=False)
-                model = NFBMR(
-                    **NFBMR_CPU,
-                    **options,
-                    tnf_epochs=args.tnf_epochs,
-                    bmr_epochs=args.bmr_epochs,
-                    pre_processor=NFBMR.configure_pre_processor(IMAGE_SIZE),
-                    visualizer=False,
-                )
-                epochs = model.total_epochs
-                results[category][name] = run(model, datamodule, epochs, Path(workdir) / category / name)
-                print(category, name, results[category][name], flush=True)
-            seed_everything(args.seed, verbose=False)
-            padim = Padim(
-                backbone="efficientnet_lite0.anomalib_ext",
-                layers=["blocks.1", "blocks.2"],
-                n_features=48,
-                pre_processor=Padim.configure_pre_processor(IMAGE_SIZE),
-                visualizer=False,
-            )
-            results[category]["PaDiM (stock)"] = run(padim, datamodule, 1, Path(workdir) / category / "padim")
-            print(category, "PaDiM", results[category]["PaDiM (stock)"], flush=True)
+            for name in args.variants:
+                results[category][name] = []
+                for seed in args.seeds if name != "PaDiM (stock)" else args.seeds[:1]:
+                    seed_everything(seed, verbose=False)
+                    model = _model(name, args, size)
+                    epochs = model.total_epochs if isinstance(model, NFBMR) else 1
+                    row = run(model, datamodule, epochs, Path(workdir) / category / name / str(seed))
+                    results[category][name].append({**row, "seed": seed})
+                    print(category, name, seed, row, flush=True)
 
+    print(f"\nsettings: {vars(args)}")
     print(
         "\n| model | "
         + " | ".join(f"{c} image AUROC | {c} pixel AUROC | {c} fit+test s" for c in args.categories)
         + " |"
     )
     print("|---|" + "---|---|---|" * len(args.categories))
-    for name in [*VARIANTS, "PaDiM (stock)"]:
+    for name in args.variants:
         cells = []
         for category in args.categories:
-            row = results[category][name]
-            cells += [f"{row['image_AUROC']:.3f}", f"{row['pixel_AUROC']:.3f}", f"{row['seconds']:.0f}"]
+            rows = results[category][name]
+            cells += [_cell([row[key] for row in rows]) for key in ("image_AUROC", "pixel_AUROC")]
+            cells.append(f"{np.mean([row['seconds'] for row in rows]):.0f}")
         print(f"| {name} | " + " | ".join(cells) + " |")
     if args.output:
-        args.output.write_text(json.dumps(results, indent=2))
+        args.output.write_text(json.dumps({"settings": vars(args), "results": results}, indent=2, default=str))
 
 
 if __name__ == "__main__":

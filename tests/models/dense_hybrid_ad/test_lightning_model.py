@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from anomalib.engine import Engine
+from torchvision.models.segmentation import DeepLabV3_ResNet50_Weights, deeplabv3_resnet50
 
 from anomalib_ext.data import Textures
 from anomalib_ext.models import DenseHybridAD
@@ -47,11 +48,14 @@ def test_stock_cli_train_then_test(
 
 
 def test_training_step_moves_only_trainable_parameters_and_checkpoint_reload_is_identical(
-    textures_root: Path, tmp_path: Path
+    textures_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Trained with ``pre_trained=True`` (a stand-in for torchvision's download); the reload must work offline."""
     torch.manual_seed(0)
+    downloaded = deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=21, aux_loss=False).state_dict()
+    monkeypatch.setattr(DeepLabV3_ResNet50_Weights, "get_state_dict", lambda *args, **kwargs: downloaded)
     model = DenseHybridAD(
-        pre_trained=False,
+        pre_trained=True,
         negative_shape="rectangle",
         pre_processor=DenseHybridAD.configure_pre_processor(SIZE),
         visualizer=False,
@@ -84,6 +88,11 @@ def test_training_step_moves_only_trainable_parameters_and_checkpoint_reload_is_
 
     checkpoint = tmp_path / "reload.ckpt"
     engine.trainer.save_checkpoint(checkpoint)
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(DeepLabV3_ResNet50_Weights, "get_state_dict", offline)
     reloaded = DenseHybridAD.load_from_checkpoint(
         checkpoint, pre_processor=DenseHybridAD.configure_pre_processor(SIZE)
     ).eval()
@@ -94,6 +103,9 @@ def test_training_step_moves_only_trainable_parameters_and_checkpoint_reload_is_
         expected, actual = model(image), reloaded(image)
     for name, value in expected._asdict().items():
         assert torch.equal(value, getattr(actual, name)), name
+    exported = torch.load(model.to_torch(tmp_path / "export"), map_location="cpu", weights_only=False)["model"]
+    with torch.no_grad():
+        assert torch.equal(exported.eval()(image).anomaly_map, expected.anomaly_map)  # torch.save of the whole module
 
 
 def test_onnx_export_matches_torch(tmp_path: Path) -> None:
@@ -114,7 +126,7 @@ def test_onnx_export_matches_torch(tmp_path: Path) -> None:
     assert outputs["pred_mask"].shape == (1, 1, *SIZE)
 
 
-def test_ddp_smoke(anomalib_cli, tiny_textures_args, resize_pre_processor, tmp_path: Path) -> None:
+def test_ddp_several_steps(anomalib_cli, tiny_textures_args, resize_pre_processor, tmp_path: Path) -> None:
     anomalib_cli(
         "fit",
         "--model",
@@ -125,6 +137,10 @@ def test_ddp_smoke(anomalib_cli, tiny_textures_args, resize_pre_processor, tmp_p
         resize_pre_processor(64),
         *tiny_textures_args("gravel"),
         *FAST,
+        "--data.train_batch_size",
+        "1",
+        "--trainer.limit_train_batches",
+        "3",  # 3 optimiser steps per rank
         "--trainer.strategy",
         "ddp",
         "--trainer.devices",
@@ -134,4 +150,6 @@ def test_ddp_smoke(anomalib_cli, tiny_textures_args, resize_pre_processor, tmp_p
         "--default_root_dir",
         str(tmp_path),
     )
-    assert list(tmp_path.rglob("*.ckpt"))
+    (checkpoint,) = tmp_path.rglob("*.ckpt")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    assert {int(param["step"]) for param in state["optimizer_states"][0]["state"].values()} == {3}

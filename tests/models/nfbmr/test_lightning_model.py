@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -134,18 +135,70 @@ def test_resume_from_a_checkpoint_taken_in_stage_1_matches_the_uninterrupted_run
     )
 
 
-def test_nf_only_trains_one_stage_and_too_few_epochs_are_refused(textures_root: Path, tmp_path: Path) -> None:
+class ValidationRecorder(Callback):
+    """The epoch, images and image scores of every validation batch of a fit."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
+        del pl_module, batch, batch_idx, dataloader_idx
+        self.batches.append((trainer.current_epoch, outputs.image.clone(), outputs.pred_score.clone()))
+
+    def assert_last_validation_used_the_mapper(self, model: NFBMR) -> None:
+        """The last validation's scores are the finished model's mapping scores (eq. 14), not the flow's."""
+        last_epoch = self.batches[-1][0]
+        model.eval()
+        with torch.no_grad():
+            for epoch, image, score in self.batches:
+                if epoch == last_epoch:
+                    torch.testing.assert_close(score, model.model(image).pred_score)
+                    assert not torch.allclose(score, model.model(image, flow_score=True).pred_score)
+
+
+def test_nf_only_trains_one_stage(textures_root: Path, tmp_path: Path) -> None:
     model = _model(nf_only=True, tnf_epochs=1, bmr_epochs=50)
     assert model.total_epochs == 1 and len(model.configure_optimizers()) == 1
     engine = _engine(tmp_path / "nf", max_epochs=3, limit_train_batches=1)
     engine.fit(model=model, datamodule=_datamodule(textures_root))
     assert engine.trainer.current_epoch == 1
-    with pytest.raises(ValueError, match=r"max_epochs=1 is shorter than NF-BMR's stages.*= 3"):
-        _engine(tmp_path / "short", max_epochs=1).fit(
-            model=_model(tnf_epochs=1, bmr_epochs=2), datamodule=_datamodule(textures_root)
-        )
     with pytest.raises(ValueError, match="at least one epoch"):
         _model(tnf_epochs=0)
+
+
+def test_stages_shrink_in_proportion_to_fit_max_epochs_1_then_test_and_torch_export(
+    textures_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anomalib's own model test runs ``Engine(max_epochs=1)`` with the default stage epochs (300 + 300)."""
+    torch.manual_seed(0)
+    model = _model()
+    initial = copy.deepcopy(model.model.state_dict())
+    recorder = ValidationRecorder()
+    engine = _engine(tmp_path, max_epochs=1, callbacks=[recorder])
+    with caplog.at_level(logging.WARNING):
+        engine.fit(model=model, datamodule=_datamodule(textures_root))  # 2 batches: one per stage
+    assert "shrunk in proportion" in caplog.text
+    trained = model.model.state_dict()
+    assert _changed(_part(initial, "flow."), _part(trained, "flow."))
+    assert _changed(_part(initial, "mapper."), _part(trained, "mapper."))
+    recorder.assert_last_validation_used_the_mapper(model)
+    (metrics,) = engine.test(model=model, datamodule=_datamodule(textures_root), verbose=False)
+    assert "image_AUROC" in metrics
+    exported = torch.load(model.to_torch(tmp_path / "export"), map_location="cpu", weights_only=False)["model"]
+    image = torch.rand(1, 3, *SIZE)
+    with torch.no_grad():
+        assert torch.equal(exported.eval()(image).anomaly_map, model.eval()(image).anomaly_map)
+
+
+def test_last_validation_follows_stage_2_whatever_check_val_every_n_epoch(textures_root: Path, tmp_path: Path) -> None:
+    """Validation every 2 epochs with 2 + 1 stage epochs: epoch 1 (stage 1, flow scores) and, forced, epoch 2."""
+    torch.manual_seed(0)
+    model = _model(tnf_epochs=2, bmr_epochs=1)
+    recorder = ValidationRecorder()
+    engine = _engine(tmp_path, max_epochs=3, check_val_every_n_epoch=2, limit_train_batches=1, callbacks=[recorder])
+    engine.fit(model=model, datamodule=_datamodule(textures_root))
+    assert sorted({epoch for epoch, _, _ in recorder.batches}) == [1, 2]
+    recorder.assert_last_validation_used_the_mapper(model)
 
 
 def test_stock_cli_train_then_test_with_nfa_mask(
@@ -187,7 +240,9 @@ def test_stock_cli_train_then_test_with_nfa_mask(
     assert list((tmp_path / "test").rglob("images/**/*.png"))
 
 
-def test_ddp_smoke_through_both_stages(anomalib_cli, tiny_textures_args, resize_pre_processor, tmp_path: Path) -> None:
+def test_ddp_several_steps_in_both_stages(
+    anomalib_cli, tiny_textures_args, resize_pre_processor, tmp_path: Path
+) -> None:
     anomalib_cli(
         "fit",
         "--model",
@@ -202,6 +257,8 @@ def test_ddp_smoke_through_both_stages(anomalib_cli, tiny_textures_args, resize_
         "--trainer.max_epochs",
         "2",
         *tiny_textures_args("gravel"),
+        "--data.train_batch_size",
+        "1",  # 8 images over 2 ranks: 4 optimiser steps per rank in each stage
         "--trainer.strategy",
         "ddp",
         "--trainer.devices",
@@ -215,3 +272,5 @@ def test_ddp_smoke_through_both_stages(anomalib_cli, tiny_textures_args, resize_
     assert len(checkpoints) == 1
     state = torch.load(checkpoints[0], map_location="cpu", weights_only=False)
     assert state["epoch"] == 1 and len(state["optimizer_states"]) == 2
+    for optimizer_state in state["optimizer_states"]:  # Adam's step count: per rank, identical on both ranks
+        assert {int(param["step"]) for param in optimizer_state["state"].values()} == {4}

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from anomalib_ext.models.nfbmr.anomaly_map import AnomalyMapGenerator
 from anomalib_ext.models.nfbmr.loss import BidirectionalMappingLoss, FlowNLLLoss
 from anomalib_ext.models.nfbmr.torch_model import (
+    PAPER_BACKBONE,
+    PAPER_LAYER,
     BidirectionalFeatureMapping,
     BidirectionalMappingResidual,
     NFBMRModel,
@@ -39,8 +45,28 @@ def test_source_extractor_taps_the_named_layer_and_stays_frozen() -> None:
 
 
 def test_paper_layer_of_efficientnet_b5_is_304_channels_at_stride_32() -> None:
-    extractor = SourceFeatureExtractor("efficientnet_b5", "blocks.5", pre_trained=False)
+    assert PAPER_BACKBONE == "tf_efficientnet_b5.in1k"  # ImageNet-1k weights, as the paper
+    extractor = SourceFeatureExtractor(PAPER_BACKBONE, PAPER_LAYER, pre_trained=False)
     assert extractor.probe((64, 64)) == (304, (2, 2))
+    for config in sorted(Path(__file__).parents[3].glob("configs/nfbmr*.yaml")):
+        if "textures_cpu" not in config.name:
+            assert yaml.safe_load(config.read_text())["model"]["init_args"]["backbone"] == PAPER_BACKBONE, config
+
+
+def test_anomaly_map_follows_the_scored_image_size_and_the_model_pickles() -> None:
+    """Built for 64 px, scored at 96 x 80 (maps and NFA mask at 96 x 80); ``torch.save`` of the whole module works."""
+    torch.manual_seed(0)
+    model = NFBMRModel((64, 64), "efficientnet_lite0", "blocks.4", pre_trained=False, use_nfa_mask=True, **TINY).eval()
+    image = torch.randn(1, 3, 96, 80)
+    with torch.no_grad():
+        output = model(image)
+    assert output.anomaly_map.shape == (1, 1, 96, 80) and output.pred_mask.shape == (1, 96, 80)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    reloaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(image).anomaly_map, output.anomaly_map, rtol=0, atol=0)
 
 
 def test_unknown_layer_lists_the_available_layers() -> None:

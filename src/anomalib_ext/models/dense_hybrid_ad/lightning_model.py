@@ -35,7 +35,7 @@ from torchvision.transforms.v2 import Normalize
 from anomalib_ext.components.negative_sources import ADE20KSplit
 
 from .anomaly_map import ImageScore
-from .loss import PAPER_BETA, DenseHybridLoss
+from .loss import DEFAULT_DENSITY_ANCHOR, PAPER_BETA, DenseHybridLoss
 from .negatives import NegativePaster, NegativeShape
 from .torch_model import VOC_NUM_CLASSES, DenseHybridADModel, FreezeMode
 
@@ -51,8 +51,10 @@ class DenseHybridAD(AnomalibModule):
         num_classes: classes K of the segmenter (21 for the COCO/VOC weights).
         freeze: ``"all"`` (all but the final BN-ReLU-Conv of both heads; paper's best), ``"backbone"``, ``"none"``.
         beta: weight β of the outlier terms (paper: 0.03).
-        inlier_likelihood: bounded-loss anchor ``-β·E_in[ln p̂(x)]`` (see :mod:`.loss`).
-        distillation_weight: weight of the cross-entropy to the frozen initial segmenter on normal pixels (0 disables).
+        inlier_likelihood: DenseHybrid's inlier term ``-β·E_in[ln p̂(x)]`` (see :mod:`.loss`).
+        distillation_weight: weight of the KL divergence to the frozen initial segmenter on normal pixels (0 disables).
+        density_anchor: weight λ of the squared log-density shift from the frozen initial segmenter; it bounds the loss
+            below by ``-2β²/(4λ)`` for every parameter value (0 disables: the loss is then unbounded, see :mod:`.loss`).
         negative_source: folder of negatives (ADE20K, or images with masks); ``None``: procedural shapes and colours.
         negative_shape: ``"mask"`` (object-shaped, paper) or ``"rectangle"`` (DenseHybrid's original).
         negative_size: extent of a negative as fractions of the shorter image side.
@@ -72,6 +74,7 @@ class DenseHybridAD(AnomalibModule):
         beta: float = PAPER_BETA,
         inlier_likelihood: bool = True,
         distillation_weight: float = 1.0,
+        density_anchor: float = DEFAULT_DENSITY_ANCHOR,
         negative_source: str | Path | None = None,
         negative_shape: NegativeShape = "mask",
         negative_size: Sequence[float] = (0.1, 0.5),
@@ -89,18 +92,21 @@ class DenseHybridAD(AnomalibModule):
         )
         self.save_hyperparameters(ignore=["pre_processor", "post_processor", "evaluator", "visualizer"])
         self.negatives = NegativePaster(negative_source, negative_shape, negative_size, negative_split)
+        self.loss = DenseHybridLoss(
+            beta=beta,
+            inlier_likelihood=inlier_likelihood,
+            distillation_weight=distillation_weight,
+            density_anchor=density_anchor,
+        )
         self.model = DenseHybridADModel(
             num_classes=num_classes,
             pre_trained=pre_trained,
             segmenter_weights=segmenter_weights,
             backbone_weights=backbone_weights,
             freeze=freeze,
-            distill=distillation_weight > 0,
+            teacher=self.loss.needs_teacher,
             image_score=image_score,
             top_k=top_k,
-        )
-        self.loss = DenseHybridLoss(
-            beta=beta, inlier_likelihood=inlier_likelihood, distillation_weight=distillation_weight
         )
         self.learning_rate = learning_rate
 
@@ -127,6 +133,7 @@ class DenseHybridAD(AnomalibModule):
             {
                 "train_outlier_head": terms.outlier_head,
                 "train_likelihood": terms.likelihood,
+                "train_density_anchor": terms.density_anchor,
                 "train_distillation": terms.distillation,
             },
             on_step=False,
@@ -144,6 +151,17 @@ class DenseHybridAD(AnomalibModule):
         """Adam over the parameters left trainable by the freeze mode."""
         parameters = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
         return torch.optim.Adam(parameters, lr=self.learning_rate)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Reload from the state dict alone: no weights download (``pre_trained``) and no weights file on reload.
+
+        The checkpoint holds every weight (segmenter, outlier head, teacher), so ``load_from_checkpoint`` builds a
+        randomly initialised network and loads it, offline and without the original weight files.
+        """
+        super().on_save_checkpoint(checkpoint)
+        hyper_parameters = checkpoint.get("hyper_parameters")
+        if hyper_parameters is not None:
+            hyper_parameters.update(pre_trained=False, segmenter_weights=None, backbone_weights=None)
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:

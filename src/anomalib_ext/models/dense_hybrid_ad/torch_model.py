@@ -11,7 +11,12 @@ outlier head gives P(d_out | x) = sigmoid(z(x)). Test-time pixel score (paper, S
 ``ln P(d_out|x) - ln p̂(x)``, higher = more anomalous, both terms upsampled bilinearly to the input size.
 
 Freezing (Table I of the paper): ``"all"`` trains only the final BN-ReLU-Conv of both heads, ``"backbone"`` freezes the
-ResNet-50, ``"none"`` trains everything. Frozen BatchNorm layers stay in eval mode, so their running statistics never change.
+ResNet-50, ``"none"`` trains everything. The segmenter is fine-tuned as a deterministic function: its BatchNorm layers keep
+their pretrained running statistics and ASPP's dropout is off (eval mode, also after ``train()``); only the affine
+parameters of the BatchNorm layers in the trainable part train. Otherwise small training batches of industrial images
+with pasted negatives would renormalise the COCO features (and dropout would perturb them), and the student would not
+start equal to the teacher (the frozen initial segmenter of the loss anchors): the KL would not be 0 at the start. The
+new outlier head's BatchNorm learns its statistics as usual.
 
 Weights, in order: ``segmenter_weights`` (a local torchvision-keyed DeepLabV3 state dict), torchvision's
 ``COCO_WITH_VOC_LABELS_V1`` weights when ``pre_trained=True`` (download), random initialisation when ``pre_trained=False``.
@@ -104,7 +109,7 @@ class DenseHybridADModel(nn.Module):
         segmenter_weights: local DeepLabV3-ResNet50 state dict (torchvision keys).
         backbone_weights: local ImageNet ResNet-50 state dict for the backbone only.
         freeze: ``"all"`` (paper's best), ``"backbone"`` or ``"none"`` (Table I).
-        distill: keep a frozen copy of the initial segmenter's trainable part; its logits anchor the loss.
+        teacher: keep a frozen copy of the initial segmenter's trainable part; its logits anchor the loss.
         image_score: ``"max"`` of the score map or ``"mean_top_k"`` (mean of the ``top_k`` highest-scoring fraction).
         top_k: fraction of pixels averaged by ``"mean_top_k"``.
     """
@@ -116,7 +121,7 @@ class DenseHybridADModel(nn.Module):
         segmenter_weights: str | Path | None = None,
         backbone_weights: str | Path | None = None,
         freeze: FreezeMode = "all",
-        distill: bool = True,
+        teacher: bool = True,
         image_score: ImageScore = "max",
         top_k: float = 0.01,
     ) -> None:
@@ -129,14 +134,14 @@ class DenseHybridADModel(nn.Module):
         self.freeze = freeze
         self.image_score = image_score
         self.top_k = top_k
-        self._frozen_modules = self._apply_freeze()
-        # Distillation teacher: a frozen copy of the smallest suffix of the segmenter that contains every trainable
+        self._fixed_modules = self._apply_freeze()
+        # Teacher: a frozen copy of the smallest suffix of the segmenter that contains every trainable
         # segmenter parameter; it runs on the (identical, frozen) input of that suffix.
         self.teacher: nn.Module | None = None
-        if distill:
+        if teacher:
             self.teacher = copy.deepcopy(self._trainable_suffix()).requires_grad_(False).eval()
         image_scores(torch.zeros(1, 1, 2, 2), image_score, top_k)  # validate the image-score options early
-        self.train()  # puts the frozen BatchNorm layers into eval mode from the start
+        self.train()  # puts the segmenter's BatchNorm and dropout layers into eval mode from the start
 
     # -- structure --------------------------------------------------------------------------------------------------
     @property
@@ -159,23 +164,20 @@ class DenseHybridADModel(nn.Module):
         return ["segmenter", "outlier_head"]
 
     def _apply_freeze(self) -> list[nn.Module]:
+        """Set ``requires_grad`` by freeze mode; return the segmenter's BatchNorm and dropout layers (always in eval mode)."""
         self.requires_grad_(False)
         for name in self.trainable_module_names():
             self.get_submodule(name).requires_grad_(True)
-        trainable = {id(parameter) for parameter in self.parameters() if parameter.requires_grad}
-        return [
-            module
-            for module in self.segmenter.modules()
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and id(module.weight) not in trainable
-        ]
+        fixed = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+        return [module for module in self.segmenter.modules() if isinstance(module, fixed)]
 
     def _trainable_suffix(self) -> nn.Module:
         return {"all": self.class_head, "backbone": self.segmenter.classifier, "none": self.segmenter}[self.freeze]
 
     def train(self, mode: bool = True) -> DenseHybridADModel:
-        """Switch modes; frozen BatchNorm layers and the teacher always stay in eval mode."""
+        """Switch modes; the segmenter's BatchNorm and dropout layers and the teacher always stay in eval mode."""
         super().train(mode)
-        for module in self._frozen_modules:
+        for module in self._fixed_modules:
             module.eval()
         if self.teacher is not None:
             self.teacher.eval()
@@ -185,7 +187,7 @@ class DenseHybridADModel(nn.Module):
     def _teacher_logits(
         self, images: torch.Tensor, backbone_features: torch.Tensor, decoder_features: torch.Tensor
     ) -> torch.Tensor:
-        assert self.teacher is not None  # noqa: S101 - only called when distilling
+        assert self.teacher is not None  # noqa: S101 - only called with a teacher
         with torch.no_grad():
             if self.freeze == "all":
                 return self.teacher(decoder_features)
@@ -194,7 +196,7 @@ class DenseHybridADModel(nn.Module):
             return self.teacher.classifier(self.teacher.backbone(images)["out"])
 
     def heads(self, images: torch.Tensor) -> TrainingOutput:
-        """Class logits s(x), outlier logit z(x) (and the teacher's logits when distilling), upsampled to the input size."""
+        """Class logits s(x), outlier logit z(x) (and the teacher's logits in training), upsampled to the input size."""
         size = images.shape[-2:]
         backbone_features = self.segmenter.backbone(images)["out"]
         decoder_features = self.decoder(backbone_features)

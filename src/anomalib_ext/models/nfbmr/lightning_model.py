@@ -9,7 +9,11 @@ Stages follow the epoch counter, so a checkpoint taken in either stage resumes w
 
 Manual optimisation steps only the current stage's optimiser; both optimisers' states live in the checkpoint. The
 progress bar shows ``stage`` (1 or 2) and the stage's loss (``tnf_nll`` or ``bmr_loss``); the switch is logged.
-``trainer.max_epochs`` must be at least the sum of the stage epochs; training stops after the last stage.
+Training stops after the last stage. When ``trainer.max_epochs`` is shorter than both stages together, the stages are
+shrunk in proportion to fit (with a warning); the switch may then fall inside an epoch (``Engine(max_epochs=1)``: first
+half of the batches stage 1, second half stage 2). The last training epoch always ends with a validation, so the
+post-processor's thresholds and normalisation come from the finished model (stage 2), never from a stage-1 validation
+(scored with the flow), whatever ``check_val_every_n_epoch``.
 
 Example:
     >>> from anomalib.engine import Engine
@@ -142,6 +146,8 @@ class NFBMR(AnomalibModule):
         self.flow_loss = FlowNLLLoss()
         self.mapping_loss = BidirectionalMappingLoss()
         self._announced_stage: int | None = None
+        self._stage_boundary = float(self.tnf_epochs)  # training progress (epochs) where stage 2 starts
+        self._last_epoch = self.total_epochs - 1
 
     @classmethod
     def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
@@ -158,44 +164,55 @@ class NFBMR(AnomalibModule):
         """Epochs of both stages together."""
         return self.tnf_epochs + self.bmr_epochs
 
-    def stage_of_epoch(self, epoch: int) -> int:
-        """``1`` (TNF) for epochs below ``tnf_epochs``, else ``2`` (mapper)."""
-        return TNF_STAGE if epoch < self.tnf_epochs else BMR_STAGE
+    def stage_of_progress(self, progress: float) -> int:
+        """``1`` (TNF) before the stage boundary (``tnf_epochs``, or its share of a shorter ``max_epochs``), else ``2``."""
+        return TNF_STAGE if progress < self._stage_boundary else BMR_STAGE
 
-    @property
-    def stage(self) -> int:
-        """The current training stage."""
-        return self.stage_of_epoch(self.current_epoch)
+    def _progress(self, batch_idx: int) -> float:
+        """Training progress in epochs at batch ``batch_idx`` of the current epoch."""
+        batches = self.trainer.num_training_batches
+        fraction = max(batch_idx, 0) / batches if 0 < batches < float("inf") else 0.0
+        return self.current_epoch + fraction
 
     def on_fit_start(self) -> None:
-        """Check that ``trainer.max_epochs`` leaves room for both stages."""
+        """Fit the stages into ``trainer.max_epochs``: shrink them in proportion (with a warning) when it is shorter."""
         max_epochs = self.trainer.max_epochs
-        if max_epochs is not None and 0 <= max_epochs < self.total_epochs:
-            msg = (
-                f"trainer.max_epochs={max_epochs} is shorter than NF-BMR's stages: tnf_epochs={self.tnf_epochs} + "
-                f"bmr_epochs={self.bmr_epochs} = {self.total_epochs}. Raise max_epochs or lower the stage epochs."
+        self._stage_boundary, self._last_epoch = float(self.tnf_epochs), self.total_epochs - 1
+        if max_epochs is not None and 0 < max_epochs < self.total_epochs:
+            self._stage_boundary = max_epochs * self.tnf_epochs / self.total_epochs
+            self._last_epoch = max_epochs - 1
+            logger.warning(
+                "trainer.max_epochs=%d is shorter than NF-BMR's stages (tnf_epochs=%d + bmr_epochs=%d): both are shrunk "
+                "in proportion, stage 2 starts after %.2f epochs.",
+                max_epochs,
+                self.tnf_epochs,
+                self.bmr_epochs,
+                self._stage_boundary,
             )
-            raise ValueError(msg)
         self._announced_stage = None
 
     def on_train_epoch_start(self) -> None:
-        """Announce the stage when it starts (or when a resumed run enters it) and set the train/eval modes."""
-        stage = self.stage
+        """In the last training epoch, make sure that it ends with a validation (thresholds from stage 2)."""
+        every = self.trainer.check_val_every_n_epoch
+        epoch = self.current_epoch
+        if epoch == self._last_epoch and every is not None and (epoch + 1) % every != 0:
+            logger.info("NF-BMR: validating after the last epoch (%d) so that thresholds come from stage 2.", epoch)
+            self.trainer.check_val_every_n_epoch = epoch + 1
+
+    def _enter_stage(self, stage: int) -> None:
+        """Set the train/eval modes of the stage; announce it when it starts (or when a resumed run enters it)."""
         self.model.flow.train(stage == TNF_STAGE)
         if self.model.mapper is not None:
             self.model.mapper.train(stage == BMR_STAGE)
         if stage != self._announced_stage:
             self._announced_stage = stage
             if stage == TNF_STAGE:
-                logger.info(
-                    "NF-BMR stage 1/2: TNF flow, epochs %d-%d (eq. 8).", self.current_epoch, self.tnf_epochs - 1
-                )
+                logger.info("NF-BMR stage 1/2: TNF flow from epoch %d (eq. 8).", self.current_epoch)
             else:
                 logger.info(
-                    "NF-BMR stage 2/2: %s mapper, epochs %d-%d, extractor and TNF frozen (eqs. 11-13).",
+                    "NF-BMR stage 2/2: %s mapper from epoch %d, extractor and TNF frozen (eqs. 11-13).",
                     self.hparams.mapper.upper(),
                     self.current_epoch,
-                    self.total_epochs - 1,
                 )
 
     def _idle_parameter_tie(self, stage: int) -> torch.Tensor | int:
@@ -209,10 +226,11 @@ class NFBMR(AnomalibModule):
         idle = self.model.stage_parameters()["bmr" if stage == TNF_STAGE else "tnf"]
         return sum((parameter.sum() * 0.0 for parameter in idle), start=0)
 
-    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+    def training_step(self, batch: Batch, batch_idx: int = 0, *args, **kwargs) -> STEP_OUTPUT:
         """Stage 1: TNF NLL (eq. 8). Stage 2: bidirectional mapping loss (eqs. 11-13) with SNN and TNF frozen."""
         del args, kwargs
-        stage = self.stage
+        stage = self.stage_of_progress(self._progress(batch_idx))
+        self._enter_stage(stage)
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         optimizer = optimizers[stage - 1]
@@ -237,16 +255,19 @@ class NFBMR(AnomalibModule):
 
     def on_train_epoch_end(self) -> None:
         """Stop once both stages are done (``trainer.max_epochs`` may be larger)."""
-        if self.current_epoch + 1 >= self.total_epochs:
+        if self.current_epoch >= self._last_epoch:
             self.trainer.should_stop = True
 
     def _predict(self, batch: Batch) -> Batch:
         return batch.update(**self.model(batch.image)._asdict())
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Scores of the validation batch; during stage 1 of a fit, the TNF likelihood (the mapper is untrained)."""
+        """Scores of the validation batch; after a stage-1 epoch of a fit, the TNF likelihood (the mapper is untrained)."""
         del args, kwargs
-        flow_score = self.trainer.state.fn == TrainerFn.FITTING and self.stage == TNF_STAGE
+        flow_score = False
+        if self.trainer.state.fn == TrainerFn.FITTING:
+            last_batch = self.trainer.num_training_batches - 1  # the stage of the epoch's last training step
+            flow_score = self.stage_of_progress(self._progress(last_batch)) == TNF_STAGE
         return batch.update(**self.model(batch.image, flow_score=flow_score)._asdict())
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:

@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 MAPPERS = ("bmr", "bpfm")
-PAPER_BACKBONE = "efficientnet_b5"
+PAPER_BACKBONE = "tf_efficientnet_b5.in1k"  # ImageNet-1k weights, as the paper (timm's bare name is ImageNet-12k)
 PAPER_LAYER = "blocks.5"
 
 
@@ -125,6 +125,11 @@ def _flow_subnet(hidden_channels: int, kernel_size: int) -> Callable[[int, int],
     return constructor
 
 
+def _atan_clamp(scale: torch.Tensor) -> torch.Tensor:
+    """FrEIA's default ``"ATAN"`` soft clamp of the log-scales, as a module-level function so the flow pickles."""
+    return 0.636 * torch.atan(scale)
+
+
 def build_target_flow(
     channels: int,
     feature_size: tuple[int, int],
@@ -151,7 +156,10 @@ def build_target_flow(
         for block in range(coupling_blocks):
             flow.append(fm.PermuteRandom, seed=permutation_seed + block)
             flow.append(
-                fm.GLOWCouplingBlock, subnet_constructor=_flow_subnet(hidden_channels, kernel_size), clamp=clamp
+                fm.GLOWCouplingBlock,
+                subnet_constructor=_flow_subnet(hidden_channels, kernel_size),
+                clamp=clamp,
+                clamp_activation=_atan_clamp,
             )
     finally:
         np.random.set_state(numpy_state)
@@ -159,7 +167,12 @@ def build_target_flow(
 
 
 class ResidualBottleneck(nn.Module):
-    """BMR residual block: ``x + ReLU(conv1x1(ReLU(conv3x3(ReLU(conv1x1(x))))))`` (Sec. 3.3: ReLU after each conv)."""
+    """BMR residual block: ``x + ReLU(conv1x1(ReLU(conv3x3(ReLU(conv1x1(x))))))``.
+
+    ReLU placement: the paper (Sec. 3.3, Fig. 4) puts a ReLU after each of the three convolutions and adds the skip
+    connection; it does not draw a ReLU after the addition. So the last ReLU is inside the branch (the branch can only
+    add non-negative values) and the block's output is not rectified, unlike ResNet's ``ReLU(x + F(x))``.
+    """
 
     def __init__(self, channels: int, bottleneck_channels: int) -> None:
         super().__init__()
@@ -280,7 +293,7 @@ class NFBMRModel(nn.Module):
     """NF-BMR: frozen SNN, TNF flow and a bidirectional mapper.
 
     Args:
-        input_size: image size ``(H, W)`` fed to the model (anomaly maps are upsampled to it).
+        input_size: image size ``(H, W)`` the flow is built for (anomaly maps are upsampled to each input's own size).
         backbone, layer, pre_trained, backbone_weights: the SNN (:class:`SourceFeatureExtractor`).
         flow_blocks / flow_hidden_channels / flow_kernel_size / flow_clamp / permutation_seed: the TNF
             (paper: 4 blocks, hidden 1024; kernel not stated, default 3).
@@ -372,7 +385,7 @@ class NFBMRModel(nn.Module):
             distance = self.anomaly_map_generator.flow_distance(target)
         else:
             distance = self.anomaly_map_generator.mapping_distance(*self.map(source, target))
-        return self.anomaly_map_generator(distance, target)
+        return self.anomaly_map_generator(distance, target, image.shape[-2:])
 
     def stage_parameters(self) -> dict[str, Sequence[nn.Parameter]]:
         """Trainable parameters per stage: ``{"tnf": [...], "bmr": [...]}`` (empty ``bmr`` with ``nf_only``)."""
