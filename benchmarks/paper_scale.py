@@ -330,22 +330,23 @@ def run_worker(name: str, device: str, batch_size: int | None, eval_batch_size: 
             self._end("test", len(batch.image))
 
     epochs = stage_epochs(model)
-    arguments = {**model.trainer_arguments, "max_epochs": epochs}
-    trainer = Trainer(
-        accelerator=device,
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_train_batches=2,
-        limit_val_batches=1,
-        limit_test_batches=1,
-        check_val_every_n_epoch=epochs,
-        default_root_dir=work_dir,
-        callbacks=[Meter()],
-        **{key: value for key, value in arguments.items() if key not in {"callbacks"}},
-    )
+    settings = {
+        "accelerator": device,
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": work_dir,
+        **{key: value for key, value in model.trainer_arguments.items() if key != "callbacks"},
+        # two training steps per stage, one validation batch after the last stage, one test batch
+        "max_epochs": epochs,
+        "limit_train_batches": 2,
+        "limit_val_batches": 1,
+        "limit_test_batches": 1,
+        "check_val_every_n_epoch": epochs,
+    }
+    trainer = Trainer(callbacks=[Meter()], **settings)
     phase("fit")
     probe_fit = MemoryProbe(device)
     probe_fit.begin()
@@ -518,11 +519,11 @@ def markdown(results: list[dict[str, Any]]) -> str:
 
 
 def select(names: list[str], filters: str | None) -> list[str]:
-    """Configs whose name contains one of the comma-separated filters (all without a filter)."""
+    """Configs named by the comma-separated filters: exact names, else names containing the filter (all without one)."""
     if not filters:
         return names
     wanted = [item.strip() for item in filters.split(",") if item.strip()]
-    return [name for name in names if any(item in name for item in wanted)]
+    return [name for name in names if any(item == name or (item not in names and item in name) for item in wanted)]
 
 
 def main(argv: list[str] | None = None) -> int:

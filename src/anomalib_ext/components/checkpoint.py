@@ -37,14 +37,18 @@ def tensor_digest(tensor: torch.Tensor) -> str:
 
 
 def referenced_tensors(module: nn.Module, prefix: str = "", inside: bool = False) -> dict[str, torch.Tensor]:
-    """Persistent state-dict entries of ``module`` that lie inside a ``timm``/``torchvision`` architecture.
+    """Persistent state-dict entries of ``module`` inside a ``timm``/``torchvision`` architecture (or an fx-traced cut).
 
     These are the candidates for referencing: built by the constructor from hyper-parameters (architecture and weights
     source). Whether one is referenced depends on whether it still equals the constructed tensor, not on
     ``requires_grad``: several extractors (Anomalib's ``TimmFeatureExtractor``) keep ``requires_grad=True`` on weights
     they never update. Shared modules appear under every name the state dict uses.
     """
-    inside = inside or type(module).__module__.split(".")[0] in PRETRAINED_PACKAGES
+    inside = (
+        inside
+        or type(module).__module__.split(".")[0] in PRETRAINED_PACKAGES
+        or isinstance(module, torch.fx.GraphModule)  # a traced cut of a timm model (NF-BMR's extractor)
+    )
     found: dict[str, torch.Tensor] = {}
     if inside:
         found.update({prefix + name: p for name, p in module._parameters.items() if p is not None})  # noqa: SLF001
