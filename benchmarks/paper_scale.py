@@ -466,6 +466,7 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
                 "peak_gib": max(s["peak_gib"] for s in items),
                 "delta_gib": max(s["delta_gib"] for s in items),
                 "cpu_side_share": sum(s[side_key] for s in items) / max(1e-9, sum(s[time_key] for s in items)),
+                "cpu_side_ms_per_image": 1000 * sum(s[side_key] / s["images"] for s in items) / len(items),
             }
             for stage, items in stages.items()
         },
@@ -485,7 +486,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
     )
     lines = [
         "| config | model | input | params trained / not trained (M) | train, per stage: s/image (wall s/step, batch) | "
-        "train peak / Δ GiB | CPU-side share of train time | test s/image (wall) | test peak / Δ GiB per image | "
+        "train peak / Δ GiB | CPU-side synthesis: share of train time (per image) | test s/image (wall) | test peak / Δ GiB per image | "
         "Δ test memory vs largest stock | test time vs FastFlow / PatchCore | checkpoint MiB: full / weights / slim |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -502,7 +503,9 @@ def markdown(results: list[dict[str, Any]]) -> str:
             f"{k}: {v['s_per_image']:.2f} ({v['wall_s_per_step']:.1f}, {batch})" for k, v in stage_rows
         )
         memory_text = "<br>".join(f"{v['peak_gib']:.2f} / {v['delta_gib']:.2f}" for v in s["stages"].values())
-        share_text = "<br>".join(f"{100 * v['cpu_side_share']:.0f} %" for v in s["stages"].values())
+        share_text = "<br>".join(
+            f"{100 * v['cpu_side_share']:.1f} % ({v['cpu_side_ms_per_image']:.0f} ms/img)" for v in s["stages"].values()
+        )
         ratios = " / ".join(
             f"{s['test_s_per_image'] / ref['test_s_per_image']:.1f}x" if ref else "n/a" for ref in references
         )
