@@ -105,9 +105,10 @@ class SlimCheckpointMixin:
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Put the referenced tensors back from this model (freshly built), after checking their hashes."""
-        self._remember_constructed_weights()  # the weights are still the constructor's here
-        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
         referenced = checkpoint.get(REFERENCED_WEIGHTS_KEY)
+        if referenced or self.slim_checkpoint:
+            self._remember_constructed_weights()  # the weights are still the constructor's here
+        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
         if not referenced:
             return
         own = self.state_dict()  # type: ignore[attr-defined]
