@@ -146,3 +146,29 @@ def test_rebuild_with_other_weights_fails_clearly(tmp_path: Path) -> None:
     torch.manual_seed(1)  # another random initialisation of the segmenter
     with pytest.raises(RuntimeError, match="differ"):
         DenseHybridAD.load_from_checkpoint(slim, map_location="cpu", **components())
+
+
+def test_training_resumes_from_a_slim_checkpoint(tmp_path: Path) -> None:
+    """``fit(ckpt_path=slim)`` restores the referenced weights and continues; the next checkpoint is slim again."""
+    slim = fit_and_save(build("uflow_nfa", slim_checkpoint=True), tmp_path / "first")
+    model = build("uflow_nfa", slim_checkpoint=True)
+    trainer = Trainer(
+        max_epochs=2,
+        limit_train_batches=1,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        default_root_dir=tmp_path / "resumed",
+    )
+    trainer.fit(model, train_dataloaders=images(2), val_dataloaders=images(2), ckpt_path=slim)
+    assert trainer.current_epoch == 2
+    path = tmp_path / "resumed.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    assert (
+        checkpoint[REFERENCED_WEIGHTS_KEY].keys() == torch.load(slim, weights_only=False)[REFERENCED_WEIGHTS_KEY].keys()
+    )
