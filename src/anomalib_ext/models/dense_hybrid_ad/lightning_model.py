@@ -32,6 +32,7 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torchvision.transforms.v2 import Normalize
 
+from anomalib_ext.components.checkpoint import SlimCheckpointMixin
 from anomalib_ext.components.negative_sources import ADE20KSplit
 
 from .anomaly_map import ImageScore
@@ -40,7 +41,7 @@ from .negatives import NegativePaster, NegativeShape
 from .torch_model import VOC_NUM_CLASSES, DenseHybridADModel, FreezeMode
 
 
-class DenseHybridAD(AnomalibModule):
+class DenseHybridAD(SlimCheckpointMixin, AnomalibModule):
     """DenseHybridAD Lightning module.
 
     Args:
@@ -86,6 +87,7 @@ class DenseHybridAD(AnomalibModule):
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
+        slim_checkpoint: bool = False,
     ) -> None:
         super().__init__(
             pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator, visualizer=visualizer

@@ -39,6 +39,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn, optim
 from torchvision.transforms.v2 import Normalize
 
+from anomalib_ext.components.checkpoint import SlimCheckpointMixin
 from anomalib_ext.components.post_processing import ModelMaskPostProcessor
 from anomalib_ext.components.task_pretraining import (
     PRETRAIN_TASKS,
@@ -70,7 +71,7 @@ def _find_normalize(transform: object) -> Normalize | None:
     return None
 
 
-class MSFlow(AnomalibModule):
+class MSFlow(SlimCheckpointMixin, AnomalibModule):
     """MSFlow: multi-scale normalising flows on a frozen (optionally task-pre-trained) CNN extractor.
 
     Args:
@@ -133,6 +134,7 @@ class MSFlow(AnomalibModule):
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
+        slim_checkpoint: bool = False,
     ) -> None:
         super().__init__(
             pre_processor=pre_processor,

@@ -39,6 +39,7 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
+from anomalib_ext.components.checkpoint import SlimCheckpointMixin
 from anomalib_ext.components.post_processing import ModelMaskPostProcessor
 
 from .loss import BidirectionalMappingLoss, FlowNLLLoss
@@ -52,7 +53,7 @@ PAPER_IMAGE_SIZE = (768, 768)
 TNF_STAGE, BMR_STAGE = 1, 2
 
 
-class NFBMR(AnomalibModule):
+class NFBMR(SlimCheckpointMixin, AnomalibModule):
     """Normalizing-flow bidirectional mapping residual network.
 
     Args:
@@ -104,6 +105,7 @@ class NFBMR(AnomalibModule):
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
+        slim_checkpoint: bool = False,
     ) -> None:
         super().__init__(
             pre_processor=pre_processor,

@@ -29,6 +29,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from PIL import Image
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
+from anomalib_ext.components.checkpoint import SlimCheckpointMixin
 from anomalib_ext.components.post_processing import ModelMaskPostProcessor
 from anomalib_ext.metrics import MIoU, OracleMIoU
 
@@ -100,7 +101,7 @@ class NFAVisualizer(ImageVisualizer):
             canvas.save(filename)
 
 
-class UFlowNFA(AnomalibModule):
+class UFlowNFA(SlimCheckpointMixin, AnomalibModule):
     """U-Flow (MS-CaiT or timm CNN features + U-shaped normalizing flow) with a-contrario NFA segmentation.
 
     Args:
@@ -134,6 +135,7 @@ class UFlowNFA(AnomalibModule):
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
+        slim_checkpoint: bool = False,
     ) -> None:
         super().__init__(
             pre_processor=pre_processor,
