@@ -3,7 +3,7 @@
 Example::
 
     anomalib-ext pretrain --task poisson --normal-images datasets/MVTecAD/tile/train/good \\
-        --poisson-source datasets/MVTecAD/wood --backbone wide_resnet50_2 --backbone-weights wrn50_imagenet.safetensors \\
+        --poisson-source datasets/MVTecAD/wood --backbone wide_resnet50_2.tv_in1k --backbone-weights wrn50_tv.safetensors \\
         --output tile_poisson_wrn50.safetensors
     anomalib train --model MSFlow --model.backbone_weights tile_poisson_wrn50.safetensors --data MVTecAD --data.category tile
 """
