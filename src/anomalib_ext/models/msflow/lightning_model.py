@@ -7,7 +7,9 @@ stopped:
    inside a U-Net, learn to segment synthetic anomalies (BCE); the extractor is fine-tuned in place;
 2. the remaining epochs: the extractor is frozen and the parallel + fusion flows are trained by maximum likelihood.
 
-``trainer.max_epochs`` therefore counts both stages. Each stage follows MSFlow's schedule over its own epochs (Adam, linear
+``trainer.max_epochs`` therefore counts both stages. The synthetic anomalies of stage 1 are made in the training
+DataLoader's workers, seeded per sample (:mod:`anomalib_ext.components.data_synthesis`); the training step receives them
+with their masks (``gt_mask``). Each stage follows MSFlow's schedule over its own epochs (Adam, linear
 warm-up over the first 12 %, x1/3 at 70 % and 90 %).
 
 Example:
