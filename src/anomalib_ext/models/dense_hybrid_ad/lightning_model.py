@@ -2,8 +2,9 @@
 
 DenseHybrid (Grcić et al., ECCV 2022) adapted to industrial images: a pretrained DeepLabV3-ResNet50 segmenter whose logits
 are read as an unnormalised log-density, an outlier head g, and negatives (object masks cut from another image source)
-pasted into the normal training images. The training DataLoader's workers paste one negative per image (seeded per sample), each training step minimises the bounded
-Eq. 1 loss (:mod:`.loss`). At test time the pixel score is ``ln P(d_out|x) - ln p̂(x)``.
+pasted into the normal training images. The training DataLoader's workers paste one negative per image (seeded per
+sample); each training step minimises the bounded Eq. 1 loss (:mod:`.loss`). At test time the pixel score is
+``ln P(d_out|x) - ln p̂(x)``.
 
 Example:
     >>> from anomalib.engine import Engine
@@ -101,7 +102,10 @@ class DenseHybridAD(AnomalibModule):
             beta=beta, inlier_likelihood=inlier_likelihood, distillation_weight=distillation_weight
         )
         self.learning_rate = learning_rate
-        self.negative_data: SyntheticAnomalyDataset | None = None
+
+    negative_data: SyntheticAnomalyDataset | None = (
+        None  # the training dataset's wrapper, installed by ``on_fit_start``
+    )
 
     def on_fit_start(self) -> None:
         """Paste the negatives in the training DataLoader's workers (see :mod:`anomalib_ext.components.data_synthesis`).
