@@ -233,6 +233,14 @@ def test_poisson_run_resumes_in_the_flow_stage_without_the_poisson_source(textur
 class _RecordGradientNorms(Callback):
     def __init__(self) -> None:
         self.norms: list[float] = []
+        self.losses: list[tuple[float, float]] = []  # (back-propagated, logged)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: object, batch: object, batch_idx: int
+    ) -> None:
+        del pl_module, batch, batch_idx
+        logged = trainer.callback_metrics["train_loss_step"]
+        self.losses.append((outputs["loss"].item(), logged.item()))  # type: ignore[index]
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: object) -> None:
         del trainer, optimizer
@@ -248,6 +256,10 @@ def test_gradient_clip_at_two_acts_on_the_un_normalised_loss(textures_root: Path
     _engine(tmp_path, max_epochs=1, callbacks=[recorder]).fit(model, datamodule=_datamodule(textures_root))
     assert min(recorder.norms) > 2.0
     batch = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        dimensions = sum(z[0].numel() for z in model.model.encode(model.model.extract_features(batch))[0])
+    for back_propagated, logged in recorder.losses:  # the NLL itself is back-propagated, its per-dimension value logged
+        assert back_propagated == pytest.approx(dimensions * logged, rel=1e-5)
     model.train()
     latents, log_det = model.model(model.pre_processor(batch))
     loss = model.loss(latents, log_det)
