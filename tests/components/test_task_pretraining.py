@@ -32,6 +32,23 @@ def _texture_batch(count: int = 4) -> torch.Tensor:
     return torch.from_numpy(np.stack(tiles))[:, None].repeat(1, 3, 1, 1)
 
 
+def _synthesise_batch(
+    generator: SyntheticAnomalyGenerator, images: torch.Tensor, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-image synthesiser over a ``[N, 3, H, W]`` batch: anomalous images and ``[N, 1, H, W]`` float masks."""
+    outputs, masks = zip(
+        *(
+            generator(image.permute(1, 2, 0).numpy(), np.random.default_rng([seed, i]))
+            for i, image in enumerate(images)
+        ),
+        strict=True,
+    )
+    anomalous = torch.from_numpy(np.stack(outputs)).permute(0, 3, 1, 2)
+    return torch.where(torch.from_numpy(np.stack(masks))[:, None], anomalous, images), torch.from_numpy(
+        np.stack(masks)
+    )[:, None].float()
+
+
 def _write_defect_source(root: Path, count: int = 3, mismatched: bool = False, drop_mask: bool = False) -> Path:
     """An MVTec-like category: test/<defect>/NNN.png with ground_truth/<defect>/NNN_mask.png."""
     brick = skimage.data.brick()
@@ -52,9 +69,9 @@ def _write_defect_source(root: Path, count: int = 3, mismatched: bool = False, d
 @pytest.mark.parametrize("task", ["cutpaste", "poisson"])
 def test_generator_masks_mark_changed_pixels(task: str, tmp_path: Path) -> None:
     source = _write_defect_source(tmp_path / "wood") if task == "poisson" else None
-    generator = SyntheticAnomalyGenerator(task, source=source, seed=3)  # type: ignore[arg-type]
+    generator = SyntheticAnomalyGenerator(task, source=source)  # type: ignore[arg-type]
     images = _texture_batch()
-    anomalous, masks = generator(images)
+    anomalous, masks = _synthesise_batch(generator, images, 3)
     assert anomalous.shape == images.shape and masks.shape == (4, 1, SIZE, SIZE)
     assert set(masks.unique().tolist()) <= {0.0, 1.0}
     changed = (anomalous - images).abs().amax(dim=1, keepdim=True) > 1 / 255
@@ -73,15 +90,14 @@ def _border_gradient(image: np.ndarray, region: np.ndarray) -> float:
 
 def test_poisson_samples_have_no_seam(tmp_path: Path) -> None:
     """The gradient at the mask border is smaller after Poisson cloning than after a hard paste of the same defects."""
-    generator = SyntheticAnomalyGenerator("poisson", source=_write_defect_source(tmp_path / "wood"), seed=5)
+    generator = SyntheticAnomalyGenerator("poisson", source=_write_defect_source(tmp_path / "wood"))
     images = (_texture_batch() * 255).round().byte().permute(0, 2, 3, 1).numpy()
     cloned, pasted = [], []
-    for image in images:
-        rng_state = generator.rng.bit_generator.state
-        cloned.append(_border_gradient(*generator.synthesise(image)))
-        generator.rng.bit_generator.state = rng_state  # the same defect, hard-pasted
-        defect_image, defect_mask = generator.random_defect(SIZE, SIZE)
-        pasted.append(_border_gradient(*paste_region(image, defect_image, defect_mask, generator.rng)))
+    for index, image in enumerate(images):
+        cloned.append(_border_gradient(*generator.synthesise(image, np.random.default_rng(index))))
+        rng = np.random.default_rng(index)  # the same defect, hard-pasted
+        defect_image, defect_mask = generator.random_defect(SIZE, SIZE, rng)
+        pasted.append(_border_gradient(*paste_region(image, defect_image, defect_mask, rng)))
     assert all(c < p for c, p in zip(cloned, pasted, strict=True))
     assert np.mean(cloned) < 0.85 * np.mean(pasted)
 
@@ -109,7 +125,7 @@ def test_unet_predicts_full_resolution_logits() -> None:
 def test_pretraining_steps_reduce_bce_on_a_fixed_batch() -> None:
     torch.manual_seed(0)
     network = build_segmentation_unet("efficientnet_lite0", pre_trained=True)
-    images, masks = SyntheticAnomalyGenerator("cutpaste", seed=0)(_texture_batch())
+    images, masks = _synthesise_batch(SyntheticAnomalyGenerator("cutpaste"), _texture_batch(), 0)
     mean, std = (
         torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1),
         torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1),
@@ -132,6 +148,18 @@ def test_pretraining_steps_reduce_bce_on_a_fixed_batch() -> None:
     assert any(not torch.equal(encoder_before[key], encoder_after[key]) for key in encoder_before if "weight" in key)
     # BatchNorm running statistics stay the ImageNet ones
     assert all(torch.equal(encoder_before[key], encoder_after[key]) for key in encoder_before if "running_" in key)
+
+
+@pytest.mark.parametrize("adapt", [False, True])
+def test_batch_norm_statistics_adapt_only_when_asked(adapt: bool) -> None:
+    torch.manual_seed(0)
+    network = build_segmentation_unet("efficientnet_lite0", pre_trained=True).train()
+    before = {k: v.clone() for k, v in network.encoder.state_dict().items() if "running_mean" in k}
+    images, masks = _synthesise_batch(SyntheticAnomalyGenerator("cutpaste"), _texture_batch(), 0)
+    segmentation_loss(network, images, masks[:, 0].bool(), adapt_batch_norm=adapt).backward()
+    after = network.encoder.state_dict()
+    changed = any(not torch.equal(value, after[key]) for key, value in before.items())
+    assert changed == adapt
 
 
 def test_saved_encoder_loads_into_msflow_and_changes_its_features(tmp_path: Path) -> None:

@@ -3,7 +3,7 @@
 Example::
 
     anomalib-ext pretrain --task poisson --normal-images datasets/MVTecAD/tile/train/good \\
-        --poisson-source datasets/MVTecAD/wood --backbone wide_resnet50_2 --backbone-weights wrn50_imagenet.safetensors \\
+        --poisson-source datasets/MVTecAD/wood --backbone wide_resnet50_2.tv_in1k --backbone-weights wrn50_tv.safetensors \\
         --output tile_poisson_wrn50.safetensors
     anomalib train --model MSFlow --model.backbone_weights tile_poisson_wrn50.safetensors --data MVTecAD --data.category tile
 """
@@ -29,7 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--poisson-source", help="folder of defect images with masks (MVTec category, images/+masks/, <stem>_mask)"
     )
-    parser.add_argument("--backbone", default="wide_resnet50_2", help="timm CNN (default: wide_resnet50_2, as MSFlow)")
+    parser.add_argument(
+        "--backbone",
+        default="wide_resnet50_2.tv_in1k",
+        help="timm CNN (default: wide_resnet50_2.tv_in1k, torchvision's ImageNet weights as MSFlow)",
+    )
     parser.add_argument(
         "--layers", nargs="+", help="three encoder taps, finest first (default: the stride 4/8/16 taps)"
     )
@@ -42,7 +46,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (MSFlow schedule)")
     parser.add_argument("--cutpaste-variant", choices=("normal", "scar"), default="normal")
     parser.add_argument("--poisson-mode", choices=("normal", "mixed"), default="normal")
-    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument(
+        "--adapt-batch-norm",
+        action="store_true",
+        help="let the encoder's BatchNorm statistics follow the training images (default: keep ImageNet's)",
+    )
+    parser.add_argument(
+        "--num-workers", type=int, default=2, help="DataLoader workers, where the synthetic anomalies are made"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
@@ -51,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     """Pre-train and write the weights file; a usage problem is reported on stderr with exit code 2."""
     import torch
 
+    from anomalib_ext.components.data_synthesis import SyntheticAnomalyDataset
     from anomalib_ext.components.task_pretraining import (
         NormalImageFolder,
         SyntheticAnomalyGenerator,
@@ -72,9 +84,8 @@ def run(args: argparse.Namespace) -> int:
             source=args.poisson_source,
             cutpaste_variant=args.cutpaste_variant,
             poisson_mode=args.poisson_mode,
-            seed=args.seed,
         )
-        dataset = NormalImageFolder(args.normal_images, (args.image_size, args.image_size))
+        images = NormalImageFolder(args.normal_images, (args.image_size, args.image_size))
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)  # noqa: T201
         return 2
@@ -85,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         backbone_weights=args.backbone_weights,
         decoder_channels=args.decoder_channels,
     )
+    dataset = SyntheticAnomalyDataset(images, generator, seed=args.seed)  # synthesis runs in the DataLoader workers
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=args.batch_size,
@@ -93,7 +105,9 @@ def run(args: argparse.Namespace) -> int:
         drop_last=len(dataset) > args.batch_size,
     )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    history = pretrain_segmentation(network, loader, generator, args.epochs, lr=args.lr, device=device)
+    history = pretrain_segmentation(
+        network, loader, args.epochs, lr=args.lr, device=device, adapt_batch_norm=args.adapt_batch_norm
+    )
     path = save_encoder_weights(
         network.encoder.cpu(),
         args.output,

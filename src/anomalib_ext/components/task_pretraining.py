@@ -134,25 +134,34 @@ def build_segmentation_unet(
 
 
 def freeze_batch_norm_statistics(module: nn.Module) -> None:
-    """Put the BatchNorm layers of ``module`` in eval mode: fine-tuning keeps the ImageNet running statistics.
-
-    Small synthetic batches would otherwise overwrite the statistics that the flow model later relies on.
-    """
+    """Put the BatchNorm layers of ``module`` in eval mode: fine-tuning keeps the ImageNet running statistics."""
     for layer in module.modules():
         if isinstance(layer, nn.modules.batchnorm._BatchNorm):  # noqa: SLF001
             layer.eval()
 
 
-def segmentation_loss(network: SegmentationUNet, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy between the U-Net's logits and the synthetic-anomaly masks (paper, section II-B)."""
-    freeze_batch_norm_statistics(network.encoder)
-    return F.binary_cross_entropy_with_logits(network(images), masks.to(images.dtype))
+def segmentation_loss(
+    network: SegmentationUNet, images: torch.Tensor, masks: torch.Tensor, adapt_batch_norm: bool = False
+) -> torch.Tensor:
+    """Binary cross-entropy between the U-Net's logits and the synthetic-anomaly masks (paper, section II-B).
+
+    ``adapt_batch_norm=False`` keeps the encoder's BatchNorm running statistics (ImageNet's) frozen; ``True`` lets them
+    follow the training images (the normal regions dominate every synthetic image, and the paper credits its gain mostly
+    to the normal regions), so the flows later see features normalised with the target domain's statistics.
+    ``masks`` is ``[N, H, W]`` or ``[N, 1, H, W]``.
+    """
+    if not adapt_batch_norm:
+        freeze_batch_norm_statistics(network.encoder)
+    targets = masks.view(masks.shape[0], 1, *masks.shape[-2:]).to(images.dtype)
+    return F.binary_cross_entropy_with_logits(network(images), targets)
 
 
 class SyntheticAnomalyGenerator:
-    """Make every image of a batch anomalous with CutPaste or Poisson cloning; return images and masks.
+    """CutPaste or Poisson cloning of one image: a :data:`~anomalib_ext.components.data_synthesis.Synthesiser`.
 
-    Works on float tensors in ``[0, 1]`` (``[N, 3, H, W]``); masks are ``[N, 1, H, W]`` floats in ``{0, 1}``.
+    ``generator(image, rng)`` takes a ``[H, W, 3]`` float image in ``[0, 1]`` and returns its anomalous version and the
+    bool mask of the changed region; wrap a dataset with
+    :class:`~anomalib_ext.components.data_synthesis.SyntheticAnomalyDataset` to run it in DataLoader workers.
 
     Args:
         task: ``cutpaste`` or ``poisson``.
@@ -160,7 +169,6 @@ class SyntheticAnomalyGenerator:
             read and checked at construction, so a bad folder fails before training starts.
         cutpaste_variant: CutPaste's ``normal`` rectangle or thin ``scar``.
         poisson_mode: ``normal`` (NORMAL_CLONE, paper) or ``mixed`` (MIXED_CLONE).
-        seed: seed of the generator's :class:`numpy.random.Generator`.
     """
 
     def __init__(
@@ -169,7 +177,6 @@ class SyntheticAnomalyGenerator:
         source: str | Path | None = None,
         cutpaste_variant: Literal["normal", "scar"] = "normal",
         poisson_mode: Literal["normal", "mixed"] = "normal",
-        seed: int = 0,
     ) -> None:
         if task not in PRETRAIN_TASKS:
             msg = f"Unknown pre-training task '{task}'; expected one of {PRETRAIN_TASKS}."
@@ -177,7 +184,6 @@ class SyntheticAnomalyGenerator:
         self.task = task
         self.cutpaste_variant = cutpaste_variant
         self.poisson_mode = poisson_mode
-        self.rng = np.random.default_rng(seed)
         self.defects: list[tuple[np.ndarray, np.ndarray]] = []
         if task == "poisson":
             if source is None:
@@ -186,34 +192,32 @@ class SyntheticAnomalyGenerator:
             masked_source = MaskedImageSource(source)
             self.defects = [masked_source[index] for index in range(len(masked_source))]
 
-    def random_defect(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    def random_defect(self, height: int, width: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """A random source defect (image, mask) resized to ``height x width``.
 
         Source and destination are brought to the same resolution, so defects keep their relative size (both datasets
         are resized to the network input in the paper).
         """
-        source_image, source_mask = self.defects[int(self.rng.integers(len(self.defects)))]
+        source_image, source_mask = self.defects[int(rng.integers(len(self.defects)))]
         if source_mask.shape != (height, width):
             source_image = cv2.resize(source_image, (width, height), interpolation=cv2.INTER_AREA)
             source_mask = cv2.resize(source_mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
         return source_image, source_mask
 
-    def synthesise(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def synthesise(self, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """One anomalous version of a ``uint8`` RGB image and the mask of its changed region."""
         if self.task == "cutpaste":
-            return cut_paste(image, self.rng, variant=self.cutpaste_variant)
-        source_image, source_mask = self.random_defect(*image.shape[:2])
+            return cut_paste(image, rng, variant=self.cutpaste_variant)
+        source_image, source_mask = self.random_defect(*image.shape[:2], rng)
         if not source_mask.any():
-            return cut_paste(image, self.rng, variant=self.cutpaste_variant)  # defect too thin to survive the resize
-        return poisson_clone(image, source_image, source_mask, self.rng, mode=self.poisson_mode)
+            return cut_paste(image, rng, variant=self.cutpaste_variant)  # defect too thin to survive the resize
+        return poisson_clone(image, source_image, source_mask, rng, mode=self.poisson_mode)
 
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Anomalous copies of ``images`` (``[0, 1]`` floats) and their masks, on the input's device."""
-        arrays = (images.detach().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        outputs, masks = zip(*(self.synthesise(np.ascontiguousarray(array)) for array in arrays), strict=True)
-        anomalous = torch.from_numpy(np.stack(outputs)).permute(0, 3, 1, 2).to(images.device, images.dtype) / 255
-        mask_tensor = torch.from_numpy(np.stack(masks)).unsqueeze(1).to(images.device, images.dtype)
-        return anomalous, mask_tensor
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Anomalous version of a ``[H, W, 3]`` float image in ``[0, 1]`` (changed pixels quantised to 8 bits) and its mask."""
+        array = np.ascontiguousarray(np.clip(np.rint(image * 255), 0, 255).astype(np.uint8))
+        output, mask = self.synthesise(array, rng)
+        return output.astype(np.float32) / 255, mask
 
 
 def step_schedule_factor(
@@ -301,18 +305,19 @@ class NormalImageFolder(torch.utils.data.Dataset):
 def pretrain_segmentation(
     network: SegmentationUNet,
     loader: torch.utils.data.DataLoader,
-    generator: SyntheticAnomalyGenerator,
     epochs: int,
     lr: float = 1e-4,
     mean: Sequence[float] = (0.485, 0.456, 0.406),
     std: Sequence[float] = (0.229, 0.224, 0.225),
     device: str | torch.device = "cpu",
+    adapt_batch_norm: bool = False,
     log_every_epoch: bool = True,
 ) -> list[float]:
     """Train ``network`` on synthetic anomalies for ``epochs`` with Adam and MSFlow's schedule; return the epoch mean BCEs.
 
-    ``loader`` yields ``[N, 3, H, W]`` images in ``[0, 1]``; anomalies are synthesised on them, then the images are
-    normalised with ``mean``/``std`` (ImageNet by default) before the network sees them.
+    ``loader`` iterates a :class:`~anomalib_ext.components.data_synthesis.SyntheticAnomalyDataset` and yields ``(images,
+    masks)``: anomalous ``[N, 3, H, W]`` images in ``[0, 1]`` made in its workers and their ``[N, H, W]`` masks. The
+    images are normalised with ``mean``/``std`` (ImageNet by default) on ``device`` before the network sees them.
     """
     network.to(device).train()
     optimizer = torch.optim.Adam(network.parameters(), lr=lr)
@@ -321,10 +326,11 @@ def pretrain_segmentation(
     std_tensor = torch.tensor(std, device=device).view(1, -1, 1, 1)
     history = []
     for epoch in range(epochs):
+        loader.dataset.start_epoch(epoch, loader)  # type: ignore[attr-defined]
         total, count = 0.0, 0
-        for images in loader:
-            anomalous, masks = generator(images.to(device))
-            loss = segmentation_loss(network, (anomalous - mean_tensor) / std_tensor, masks)
+        for images, masks in loader:
+            images = (images.to(device, non_blocking=True) - mean_tensor) / std_tensor
+            loss = segmentation_loss(network, images, masks.to(device, non_blocking=True), adapt_batch_norm)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,7 @@ import torch
 from anomalib.engine import Engine
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from anomalib_ext.components.data_synthesis import SyntheticAnomalyDataset
 from anomalib_ext.data import Textures
 from anomalib_ext.models import MSFlow
 
@@ -49,11 +52,32 @@ def _engine(root: Path, max_epochs: int, **kwargs: object) -> Engine:
     )
 
 
+def test_defaults_are_the_originals() -> None:
+    """torchvision's wide_resnet50_2 weights (as MSFlow) and the ``add`` map (MSFlow's pixel-AUROC map)."""
+    parameters = inspect.signature(MSFlow).parameters
+    assert parameters["backbone"].default == "wide_resnet50_2.tv_in1k"
+    assert parameters["anomaly_map"].default == "add"
+    assert parameters["gradient_clip_norm"].default == 2.0
+
+
 def test_argument_errors() -> None:
     with pytest.raises(ValueError, match="pretrain_task must be"):
         _model(pretrain_task="draem")
     with pytest.raises(ValueError, match="needs `poisson_source`"):
         _model(pretrain_task="poisson")
+
+
+class _RecordMasks(Callback):
+    """Records, per epoch, whether the training batches (after the pre-processor) carried anomaly masks."""
+
+    def __init__(self) -> None:
+        self.has_anomaly: dict[int, list[bool]] = {}
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: object, batch_idx: int) -> None:
+        del pl_module, batch_idx
+        masks = batch.gt_mask  # type: ignore[attr-defined]
+        assert masks.shape[-2:] == batch.image.shape[-2:] == (SIZE, SIZE)  # type: ignore[attr-defined]
+        self.has_anomaly.setdefault(trainer.current_epoch, []).extend(masks.flatten(1).any(1).tolist())
 
 
 def test_pretraining_then_flows_in_one_fit(textures_root: Path, tmp_path: Path) -> None:
@@ -63,8 +87,11 @@ def test_pretraining_then_flows_in_one_fit(textures_root: Path, tmp_path: Path) 
     )
     encoder_before = {key: value.clone() for key, value in model.model.encoder.state_dict().items()}
     flows_before = {key: value.clone() for key, value in model.model.fusion_flow.state_dict().items()}
-    engine = _engine(tmp_path, max_epochs=2)
+    recorder = _RecordMasks()
+    engine = _engine(tmp_path, max_epochs=2, callbacks=[recorder])
     engine.fit(model, datamodule=_datamodule(textures_root))
+    # pre-training batches arrive with the synthetic anomalies made in the DataLoader; flow batches are the normal images
+    assert all(recorder.has_anomaly[0]) and not any(recorder.has_anomaly[1])
     metrics = engine.trainer.callback_metrics
     assert "pretrain_bce_epoch" in metrics and "train_loss_epoch" in metrics
     encoder_after = model.model.encoder.state_dict()
@@ -155,7 +182,11 @@ def test_checkpoint_reload_identical_and_onnx_export(textures_root: Path, tmp_pa
     assert torch.equal(first.pred_mask, second.pred_mask)
     with torch.no_grad():
         raw = model.model(model.pre_processor(images))
-    assert raw.anomaly_map.flatten(1).std(dim=1).min() > 0
+        features = model.model.extract_features(model.pre_processor(images))
+        for latent, reloaded_latent in zip(
+            model.model.encode(features)[0], reloaded.model.encode(features)[0], strict=True
+        ):
+            assert torch.equal(latent, reloaded_latent) and latent.std() > 0  # (a 1-epoch flow's bounded map saturates)
     assert torch.equal(first.pred_mask, raw.pred_mask)  # the post-processor keeps the model's NFA mask and label
     assert torch.equal(first.pred_label, raw.pred_mask.flatten(1).any(dim=1))
 
@@ -176,6 +207,68 @@ def test_checkpoint_reload_identical_and_onnx_export(textures_root: Path, tmp_pa
     )  # thresholded map: the NFA max-tree is not in the graph
 
 
+def test_poisson_run_resumes_in_the_flow_stage_without_the_poisson_source(textures_root: Path, tmp_path: Path) -> None:
+    """Once pre-training is over, resuming needs neither the Poisson folder nor any synthesis."""
+    source = tmp_path / "brick"
+    shutil.copytree(textures_root / "brick", source)
+    poisson = {"pretrain_task": "poisson", "pretrain_epochs": 1, "poisson_source": str(source)}
+    datamodule = _datamodule(textures_root)
+    torch.manual_seed(0)
+    engine = _engine(tmp_path / "first", max_epochs=3, callbacks=[_StopAfterFirstEpoch()])
+    first = _model(**poisson)
+    engine.fit(first, datamodule=datamodule)
+    checkpoint = tmp_path / "end_of_pretraining.ckpt"
+    engine.trainer.save_checkpoint(checkpoint)
+    shutil.rmtree(source)
+
+    resumed = _model(**poisson)
+    flows_before = {key: value.clone() for key, value in first.model.fusion_flow.state_dict().items()}
+    engine = _engine(tmp_path / "second", max_epochs=3)
+    engine.fit(resumed, datamodule=datamodule, ckpt_path=checkpoint)
+    assert engine.trainer.current_epoch == 3 and "train_loss_epoch" in engine.trainer.callback_metrics
+    assert not isinstance(datamodule.train_data, SyntheticAnomalyDataset)
+    assert any(not torch.equal(flows_before[k], v) for k, v in resumed.model.fusion_flow.state_dict().items())
+
+
+class _RecordGradientNorms(Callback):
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+        self.losses: list[tuple[float, float]] = []  # (back-propagated, logged)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: object, batch: object, batch_idx: int
+    ) -> None:
+        del pl_module, batch, batch_idx
+        logged = trainer.callback_metrics["train_loss_step"]
+        self.losses.append((outputs["loss"].item(), logged.item()))  # type: ignore[index]
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: object) -> None:
+        del trainer, optimizer
+        gradients = [p.grad for p in pl_module.flow_parameters if p.grad is not None]  # type: ignore[attr-defined]
+        self.norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in gradients])).item())
+
+
+def test_gradient_clip_at_two_acts_on_the_un_normalised_loss(textures_root: Path, tmp_path: Path) -> None:
+    """As in MSFlow: the flows' gradient norm exceeds 2, so the clip acts; the logged loss is per dimension."""
+    torch.manual_seed(0)
+    model = _model()
+    recorder = _RecordGradientNorms()
+    _engine(tmp_path, max_epochs=1, callbacks=[recorder]).fit(model, datamodule=_datamodule(textures_root))
+    assert min(recorder.norms) > 2.0
+    batch = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        dimensions = sum(z[0].numel() for z in model.model.encode(model.model.extract_features(batch))[0])
+    for back_propagated, logged in recorder.losses:  # the NLL itself is back-propagated, its per-dimension value logged
+        assert back_propagated == pytest.approx(dimensions * logged, rel=1e-5)
+    model.train()
+    latents, log_det = model.model(model.pre_processor(batch))
+    loss = model.loss(latents, log_det)
+    loss.backward()
+    model.configure_gradient_clipping(None)  # type: ignore[arg-type]
+    gradients = [p.grad for p in model.flow_parameters if p.grad is not None]
+    assert torch.linalg.vector_norm(torch.stack([g.norm() for g in gradients])).item() == pytest.approx(2.0, rel=1e-4)
+
+
 @pytest.mark.usefixtures("single_threaded_subprocesses")
 def test_stock_cli_train_then_test(anomalib_cli, tiny_textures_args, resize_pre_processor, tmp_path: Path) -> None:
     common = ["--model", "MSFlow", *TINY_MODEL, "--model.pre_processor", resize_pre_processor(SIZE)]
@@ -193,11 +286,19 @@ def test_stock_cli_train_then_test(anomalib_cli, tiny_textures_args, resize_pre_
 
 @pytest.mark.usefixtures("single_threaded_subprocesses")
 def test_ddp_smoke(anomalib_cli, tiny_textures_args, resize_pre_processor, tmp_path: Path) -> None:
-    """Two CPU processes (gloo) through pre-training and flow training; unused-stage parameters need find_unused."""
+    """Two CPU processes (gloo), 3 optimiser steps per rank in pre-training and 3 in flow training (batch 1 per rank).
+
+    Unused-stage parameters need find_unused; the ranks' synthetic samples and flows stay in sync.
+    """
     anomalib_cli(
         "fit", "--model", "MSFlow", *TINY_MODEL, "--model.pre_processor", resize_pre_processor(SIZE),
         "--model.pretrain_task", "cutpaste", "--model.pretrain_epochs", "1", *tiny_textures_args("gravel"),
-        "--trainer.max_epochs", "2", "--trainer.strategy", "ddp_find_unused_parameters_true", "--trainer.devices", "2",
-        "--trainer.accelerator", "cpu", "--trainer.limit_train_batches", "1", "--default_root_dir", str(tmp_path),
+        "--data.train_batch_size", "1", "--trainer.max_epochs", "2", "--trainer.strategy",
+        "ddp_find_unused_parameters_true", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+        "--trainer.limit_train_batches", "3", "--default_root_dir", str(tmp_path),
     )  # fmt: skip
-    assert list(tmp_path.rglob("*.ckpt"))
+    checkpoints = list(tmp_path.rglob("*.ckpt"))
+    assert checkpoints
+    checkpoint = torch.load(checkpoints[0], weights_only=False)
+    assert checkpoint["global_step"] == 6  # optimiser steps per rank: 3 pre-training + 3 flow steps
+    assert checkpoint["epoch"] == 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -82,6 +84,72 @@ def test_fusion_flow_is_invertible_and_its_log_det_is_exact() -> None:
     assert torch.slogdet(jacobian).logabsdet.item() == pytest.approx(log_det.item(), abs=1e-6)
 
 
+def original_fusion_parameters(channels: list[int]) -> int:
+    """Parameters of MSFlow's published fusion flow (cool-xuan/msflow), from its architecture.
+
+    Two coupling subnets; each takes the conditioning halves ``c_i`` (total ``C``) and has conv3x3 C -> C/4, LayerNorm(C/4),
+    conv3x3 C/4 -> C, and per scale a conv3x3 c_i -> c_i for s and another for t. Permutations have no parameters.
+    """
+    halves = [c // 2 for c in channels]
+    total, hidden = sum(halves), sum(halves) // 4
+    mix = (9 * total * hidden + hidden) + 2 * hidden + (9 * hidden * total + total)
+    per_scale = 2 * sum(9 * c * c + c for c in halves)
+    return 2 * (mix + per_scale)
+
+
+def test_fusion_flow_parameter_count_at_wide_resnet50_2_shapes_is_the_originals() -> None:
+    fusion = FusionFlow([256, 512, 1024])  # wide_resnet50_2 layer1..3
+    count = sum(p.numel() for p in fusion.parameters())
+    assert count == original_fusion_parameters([256, 512, 1024]) == 19_618_368
+
+
+def test_fusion_flow_structure_residual_add_per_scale_convs_and_permutation() -> None:
+    torch.manual_seed(0)
+    fusion = FusionFlow([8, 12, 16])
+    _perturb(fusion, scale=0.3)
+    subnet = fusion.first_pass
+    conv_in, norm, _, conv_out, last = subnet.mix
+    assert (conv_in.in_channels, conv_in.out_channels, conv_in.kernel_size) == (18, 4, (3, 3))
+    assert norm.normalized_shape == (4,) and (conv_out.out_channels, conv_out.kernel_size) == (18, (3, 3))
+    assert isinstance(last, torch.nn.ReLU)
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in subnet.scale_convs] == [
+        (4, 4, (3, 3)),
+        (6, 6, (3, 3)),
+        (8, 8, (3, 3)),
+    ]
+    conditions = [torch.randn(2, 4, 16, 16), torch.randn(2, 6, 8, 8), torch.randn(2, 8, 4, 4)]
+
+    # residual add: each scale's own half plus the upsampled cross-scale mixture computed on the coarsest grid
+    pooled = torch.cat([torch.nn.functional.adaptive_avg_pool2d(c, (4, 4)) for c in conditions], dim=1)
+    mixed = subnet.mix(pooled).split([4, 6, 8], dim=1)
+    for fused, condition, part in zip(subnet.fused_conditions(conditions), conditions, mixed, strict=True):
+        upsampled = torch.nn.functional.interpolate(
+            part, size=condition.shape[-2:], mode="bilinear", align_corners=True
+        )
+        assert torch.allclose(fused, condition + upsampled)
+
+    # per-scale s/t carry the finest scale's detail: a one-pixel change moves s there, not a whole coarse cell
+    s_before = subnet(conditions)[0][0]
+    changed = [c.clone() for c in conditions]
+    changed[0][:, :, 9, 9] += 3.0
+    delta = (subnet(changed)[0][0] - s_before).abs().amax(dim=(0, 1))
+    assert delta[9, 9] > 10 * delta[13, 13]  # 4 px away only the pooled mixture reaches: 16x weaker
+
+    # a fixed random permutation per scale, applied before the coupling (and stored in the state dict)
+    permutations = [p.permutation for p in fusion.permutations]
+    assert all(not torch.equal(p, torch.arange(len(p))) for p in permutations)
+    assert all(f"permutations.{i}.permutation" in fusion.state_dict() for i in range(3))
+    features = [torch.randn(2, 8, 8, 8), torch.randn(2, 12, 4, 4), torch.randn(2, 16, 2, 2)]
+    unpermuted = copy.deepcopy(fusion)
+    for permutation in unpermuted.permutations:
+        permutation.permutation.copy_(torch.arange(len(permutation.permutation)))
+        permutation.inverse.copy_(torch.arange(len(permutation.inverse)))
+    expected, _ = unpermuted([x[:, p] for x, p in zip(features, permutations, strict=True)])
+    for output, reference in zip(fusion(features)[0], expected, strict=True):
+        assert torch.allclose(output, reference)
+    assert torch.equal(FusionFlow([8, 12, 16]).permutations[2].permutation, fusion.permutations[2].permutation)
+
+
 def test_model_encode_decode_round_trip(tiny_model: MSFlowModel) -> None:
     features = [torch.randn(2, c, s, s) for c, s in zip(tiny_model.feature_extractor.out_dims, (8, 4, 2), strict=True)]
     latents, log_det = tiny_model.encode(features)
@@ -104,20 +172,39 @@ def test_forward_train_and_eval_outputs(tiny_model: MSFlowModel) -> None:
     assert ((output.pred_score >= 0) & (output.pred_score <= 1)).all()
 
 
-def test_anomaly_map_is_not_normalised_per_image() -> None:
-    generator = AnomalyMapGenerator(top_k=0.03)
-    latent = [torch.randn(1, 4, 8, 8), torch.randn(1, 6, 4, 4)]
-    single_map, _ = generator(latent, (16, 16))
-    batched_map, _ = generator([torch.cat([z, 3 * z]) for z in latent], (16, 16))
-    assert torch.allclose(batched_map[0], single_map[0])
-    assert (batched_map[1] > batched_map[0]).all()  # larger latents are more anomalous in absolute terms
-    expected = sum(
-        torch.nn.functional.interpolate(
-            0.5 * (z**2).mean(1, keepdim=True), size=(16, 16), mode="bilinear", align_corners=False
-        )
-        for z in latent
-    )
-    assert torch.allclose(single_map, expected)
+@pytest.mark.parametrize("mode", ["add", "mul"])
+def test_maps_are_bounded_and_not_normalised_per_image(mode: str) -> None:
+    """Making one image's anomaly stronger changes neither another image's map nor the same image's other pixels."""
+    generator = AnomalyMapGenerator(top_k=0.03, mode=mode)  # type: ignore[arg-type]
+    torch.manual_seed(0)
+    normal = [0.7 * torch.randn(1, 4, 16, 16), 0.7 * torch.randn(1, 6, 8, 8)]
+
+    def with_anomaly(strength: float) -> list[torch.Tensor]:
+        latents = [z.clone() for z in normal]
+        latents[0][..., :4, :4] *= strength  # a defect in one corner of the finest scale
+        return latents
+
+    weak, strong = with_anomaly(2.0), with_anomaly(4.0)
+    maps, _ = generator([torch.cat(pair) for pair in zip(normal, weak, strict=True)], (32, 32))
+    strong_map, _ = generator(strong, (32, 32))
+    assert ((maps >= 0) & (maps < 1)).all() and ((strong_map >= 0) & (strong_map < 1)).all()
+    far = (slice(None), slice(None), slice(12, None), slice(12, None))  # beyond the corner's bilinear footprint
+    assert torch.equal(maps[0][far[1:]], maps[1][far[1:]])  # the other image's (and the same pixels') values stay
+    assert torch.equal(strong_map[far], maps[1:][far])
+    assert (strong_map[..., :6, :6] > maps[1:, ..., :6, :6]).all()  # a stronger anomaly reads higher, in absolute terms
+
+    logp = [-0.5 * (z**2).mean(1, keepdim=True) for z in strong]
+
+    def up(tensor: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.interpolate(tensor, size=(32, 32), mode="bilinear", align_corners=True)
+
+    if mode == "add":  # MSFlow's add map averages the upsampled per-scale likelihoods
+        expected = 1 - (up(logp[0].exp()) + up(logp[1].exp())) / 2
+    else:  # mul: one minus the geometric mean of the per-scale likelihoods, exp(S / n_scales)
+        expected = 1 - torch.exp((up(logp[0]) + up(logp[1])) / 2)
+    assert torch.allclose(strong_map, expected)
+    with pytest.raises(ValueError, match="anomaly_map"):
+        AnomalyMapGenerator(mode="log")  # type: ignore[arg-type]
 
 
 def test_image_score_is_mean_of_top_three_percent_of_detection_map() -> None:
@@ -133,12 +220,14 @@ def test_image_score_is_mean_of_top_three_percent_of_detection_map() -> None:
         AnomalyMapGenerator(top_k=0)
 
 
-def test_loss_is_dimension_normalised_negative_log_likelihood() -> None:
+def test_loss_is_the_un_normalised_negative_log_likelihood() -> None:
+    """MSFlow back-propagates the NLL itself (its gradient clip at 2 is tuned for it); per dimension is for logging."""
     latents = [torch.full((2, 2, 2, 2), 2.0), torch.ones(2, 1, 2, 2)]
     log_det = torch.tensor([3.0, 5.0])
-    dimensions = 8 + 4  # per sample
-    expected = ((0.5 * 4 * 8 + 0.5 * 1 * 4) - (3.0 + 5.0) / 2) / dimensions
-    assert MSFlowLoss()(latents, log_det).item() == pytest.approx(expected)
+    expected = (0.5 * 4 * 8 + 0.5 * 1 * 4) - (3.0 + 5.0) / 2
+    loss = MSFlowLoss()(latents, log_det)
+    assert loss.item() == pytest.approx(expected)
+    assert MSFlowLoss.per_dimension(loss, latents).item() == pytest.approx(expected / (8 + 4))
 
 
 def test_flow_training_reduces_loss(tiny_model: MSFlowModel) -> None:

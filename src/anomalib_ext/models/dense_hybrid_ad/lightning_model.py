@@ -2,8 +2,9 @@
 
 DenseHybrid (Grcić et al., ECCV 2022) adapted to industrial images: a pretrained DeepLabV3-ResNet50 segmenter whose logits
 are read as an unnormalised log-density, an outlier head g, and negatives (object masks cut from another image source)
-pasted into the normal training images. Every training step pastes one negative per image, then minimises the bounded
-Eq. 1 loss (:mod:`.loss`). At test time the pixel score is ``ln P(d_out|x) - ln p̂(x)``.
+pasted into the normal training images. The training DataLoader's workers paste one negative per image (seeded per
+sample); each training step minimises the bounded Eq. 1 loss (:mod:`.loss`). At test time the pixel score is
+``ln P(d_out|x) - ln p̂(x)``.
 
 Example:
     >>> from anomalib.engine import Engine
@@ -19,20 +20,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from anomalib import LearningType
 from anomalib.data import Batch
-from anomalib.data.transforms.utils import extract_transforms_by_type
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
-from torchvision.transforms.v2 import Normalize
 
 from anomalib_ext.components.checkpoint import SlimCheckpointMixin
+from anomalib_ext.components.data_synthesis import SyntheticAnomalyDataset, install_synthesis, pre_processor_resize
 from anomalib_ext.components.negative_sources import ADE20KSplit
 
 from .anomaly_map import ImageScore
@@ -112,21 +111,32 @@ class DenseHybridAD(SlimCheckpointMixin, AnomalibModule):
         )
         self.learning_rate = learning_rate
 
-    def _normalisation(self) -> tuple[Sequence[float] | None, Sequence[float] | None]:
-        """Mean and std of the pre-processor's ``Normalize`` (negatives must be normalised like the batch)."""
-        transform = self.pre_processor.transform if self.pre_processor is not None else None
-        normalizers = extract_transforms_by_type(transform, Normalize) if transform is not None else []
-        if not normalizers:
-            return None, None
-        return normalizers[0].mean, normalizers[0].std
+    negative_data: SyntheticAnomalyDataset | None = (
+        None  # the training dataset's wrapper, installed by ``on_fit_start``
+    )
+
+    def on_fit_start(self) -> None:
+        """Paste the negatives in the training DataLoader's workers (see :mod:`anomalib_ext.components.data_synthesis`).
+
+        Sample ``i`` of epoch ``e`` is seeded with ``(torch.initial_seed(), e, i)``: ``seed_everything`` makes the
+        negatives reproducible, whatever ``num_workers`` or the DDP sharding.
+        """
+        self.negative_data = install_synthesis(
+            self.trainer, self.negatives, seed=torch.initial_seed(), resize=pre_processor_resize(self.pre_processor)
+        )
+        self.negative_data.epoch = self.current_epoch  # the first epoch's DataLoader iterator is built before its hooks
+
+    def on_train_epoch_start(self) -> None:
+        """Seed this epoch's negatives."""
+        self.negative_data.start_epoch(self.current_epoch, self.trainer.train_dataloader)
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Paste one negative per image and minimise the bounded DenseHybridAD loss."""
+        """Minimise the bounded DenseHybridAD loss on images that carry their pasted negative (``gt_mask``)."""
         del args, kwargs
-        # Seeded from torch's generator, so ``seed_everything`` makes the negatives reproducible.
-        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
-        mean, std = self._normalisation()
-        images, outlier_mask = self.negatives(batch.image, rng, mean, std)
+        if batch.gt_mask is None:
+            msg = "Training batches need the pasted-negative masks made in the DataLoader workers (gt_mask)."
+            raise ValueError(msg)
+        images, outlier_mask = batch.image, batch.gt_mask.bool()
         output = self.model(images)
         terms = self.loss(output.class_logits, output.outlier_logit, outlier_mask, output.teacher_logits)
         batch_size = images.shape[0]

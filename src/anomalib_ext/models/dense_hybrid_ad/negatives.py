@@ -5,7 +5,10 @@ folder, or, with no folder, a procedural random polygon filled with smooth colou
 box spans ``size_range`` of the shorter image side and pasted pixel-exactly at a random place. ``shape="rectangle"``
 (DenseHybrid's original negatives): a whole source image, resized to a random rectangle of the same relative size range.
 
-Pasting happens after the pre-processor, so the source pixels go through the same ``Normalize`` as the batch.
+:class:`NegativePaster` is a :data:`~anomalib_ext.components.data_synthesis.Synthesiser`: DenseHybridAD runs it in the
+training DataLoader's workers through :class:`~anomalib_ext.components.data_synthesis.SyntheticAnomalyDataset`, on images
+already resized by the pre-processor's ``Resize`` (so masks stay pixel-exact at the model's resolution) and before its
+``Normalize`` (which therefore treats pasted and normal pixels alike).
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from typing import Literal
 
 import cv2
 import numpy as np
-import torch
 
 from anomalib_ext.components.negative_sources import ADE20KSplit, SegmentSource
 from anomalib_ext.components.synthetic import paste_region, random_shape_mask, read_rgb
@@ -33,7 +35,7 @@ def smooth_colour_noise(shape: tuple[int, int], rng: np.random.Generator) -> np.
 
 
 class NegativePaster:
-    """Pastes one negative into every image of a pre-processed batch.
+    """Pastes one negative into an image: ``paster(image, rng) -> (composited image, bool mask of the pasted pixels)``.
 
     Args:
         source: folder of images with masks (ADE20K layouts or any ``MaskedImageSource`` layout); ``None``: procedural.
@@ -94,28 +96,13 @@ class NegativePaster:
             resized_mask[np.unravel_index(np.argmax(resized_weight), resized_weight.shape)] = True
         return np.clip(resized, 0, 255), resized_mask
 
-    def __call__(
-        self,
-        images: torch.Tensor,
-        rng: np.random.Generator,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Paste negatives into ``images`` [B, 3, H, W] (already normalised with ``mean``/``std`` if given).
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Paste one negative into ``image`` (``[H, W, 3]`` float in ``[0, 1]``).
 
         Returns:
-            The composited images and the bool masks [B, H, W] of exactly the pasted pixels.
+            The composited image (float32, ``[0, 1]``) and the bool mask ``[H, W]`` of exactly the pasted pixels.
         """
-        batch, _, height, width = images.shape
-        mean_array = np.asarray(mean if mean is not None else (0.0, 0.0, 0.0), dtype=np.float32)
-        std_array = np.asarray(std if std is not None else (1.0, 1.0, 1.0), dtype=np.float32)
-        destinations = images.detach().permute(0, 2, 3, 1).to("cpu", torch.float32).numpy()
-        outputs, masks = [], []
-        for destination in destinations:
-            source_image, source_mask = self._draw(height, width, rng)
-            source = (source_image.astype(np.float32) / 255.0 - mean_array) / std_array
-            output, mask = paste_region(destination, source, source_mask, rng)
-            outputs.append(output)
-            masks.append(mask)
-        composited = torch.from_numpy(np.stack(outputs)).permute(0, 3, 1, 2).to(images.device, images.dtype)
-        return composited.contiguous(), torch.from_numpy(np.stack(masks)).to(images.device)
+        height, width = image.shape[:2]
+        source_image, source_mask = self._draw(height, width, rng)
+        source = source_image.astype(np.float32) / 255.0
+        return paste_region(image.astype(np.float32, copy=False), source, source_mask, rng)

@@ -7,7 +7,9 @@ stopped:
    inside a U-Net, learn to segment synthetic anomalies (BCE); the extractor is fine-tuned in place;
 2. the remaining epochs: the extractor is frozen and the parallel + fusion flows are trained by maximum likelihood.
 
-``trainer.max_epochs`` therefore counts both stages. Each stage follows MSFlow's schedule over its own epochs (Adam, linear
+``trainer.max_epochs`` therefore counts both stages. The synthetic anomalies of stage 1 are made in the training
+DataLoader's workers, seeded per sample (:mod:`anomalib_ext.components.data_synthesis`); the training step receives them
+with their masks (``gt_mask``). Each stage follows MSFlow's schedule over its own epochs (Adam, linear
 warm-up over the first 12 %, x1/3 at 70 % and 90 %).
 
 Example:
@@ -25,8 +27,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-import torch
 from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
@@ -37,9 +37,14 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn, optim
-from torchvision.transforms.v2 import Normalize
 
 from anomalib_ext.components.checkpoint import SlimCheckpointMixin
+from anomalib_ext.components.data_synthesis import (
+    SyntheticAnomalyDataset,
+    install_synthesis,
+    pre_processor_resize,
+    remove_synthesis,
+)
 from anomalib_ext.components.post_processing import ModelMaskPostProcessor
 from anomalib_ext.components.task_pretraining import (
     PRETRAIN_TASKS,
@@ -50,8 +55,15 @@ from anomalib_ext.components.task_pretraining import (
     step_schedule_factor,
 )
 
+from .anomaly_map import AnomalyMapMode
 from .loss import MSFlowLoss
-from .torch_model import DEFAULT_CLAMP, DEFAULT_FLOW_BLOCKS, DEFAULT_POSITIONAL_CHANNELS, MSFlowModel
+from .torch_model import (
+    DEFAULT_BACKBONE,
+    DEFAULT_CLAMP,
+    DEFAULT_FLOW_BLOCKS,
+    DEFAULT_POSITIONAL_CHANNELS,
+    MSFlowModel,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,22 +72,12 @@ PRETRAIN_PREFIX = "pretrain_network"
 ENCODER_PREFIX = "model.feature_extractor.feature_extractor"  # the same module as pretrain_network.encoder
 
 
-def _find_normalize(transform: object) -> Normalize | None:
-    """The ``Normalize`` step inside a (possibly nested) torchvision transform, if any."""
-    if isinstance(transform, Normalize):
-        return transform
-    for child in getattr(transform, "transforms", []):
-        found = _find_normalize(child)
-        if found is not None:
-            return found
-    return None
-
-
 class MSFlow(SlimCheckpointMixin, AnomalibModule):
     """MSFlow: multi-scale normalising flows on a frozen (optionally task-pre-trained) CNN extractor.
 
     Args:
-        backbone: timm CNN (paper: ``wide_resnet50_2``; ``efficientnet_lite0`` works offline).
+        backbone: timm CNN (default ``wide_resnet50_2.tv_in1k``: torchvision's ImageNet weights, as MSFlow; timm's plain
+            ``wide_resnet50_2`` resolves to other weights; ``efficientnet_lite0`` works offline).
         layers: three feature taps, finest first; ``None``: the taps at strides 4/8/16 (``layer1..3`` for ResNets).
         pre_trained: start from ImageNet weights.
         backbone_weights: local timm-keyed weights file, e.g. an encoder written by ``anomalib-ext pretrain``.
@@ -83,19 +85,25 @@ class MSFlow(SlimCheckpointMixin, AnomalibModule):
         clamp: affine clamp of the couplings (paper: 1.9).
         positional_channels: channels of the positional condition (paper: 64).
         top_k: fraction of the detection map averaged into the image score (paper: 0.03).
+        anomaly_map: the map handed to Anomalib, both bounded in ``[0, 1)`` and comparable across images: ``add``
+            (default; MSFlow's pixel-AUROC map) or ``mul`` (MSFlow's PRO map). See :mod:`.anomaly_map`.
         lr: Adam learning rate of the flows (paper: 1e-4; 1e-6 after task pre-training in the pre-training paper).
         lr_warmup_fraction / lr_warmup_start_factor / lr_milestones / lr_decay: MSFlow's schedule (12 %, 0.1, 70/90 %, 1/3).
-        gradient_clip_norm: max gradient norm of the flow parameters (paper: 2).
+        gradient_clip_norm: max gradient norm of the flow parameters (paper: 2; it acts on the un-normalised loss, as in
+            MSFlow; the logged ``train_loss`` is the same loss per latent dimension).
         pretrain_task: ``none``, ``cutpaste`` or ``poisson``.
         pretrain_epochs: epochs of the pre-training stage (paper: 400).
         pretrain_lr: Adam learning rate of the U-Net (paper: 1e-4, same schedule).
+        pretrain_adapt_batch_norm: let the encoder's BatchNorm running statistics follow the training images during
+            pre-training (default ``False``: ImageNet's statistics stay frozen; the paper does not say).
         poisson_source: folder of defect images with masks for ``poisson`` (MVTec category, ``images/``+``masks/``, or
             ``<stem>_mask`` side by side).
         cutpaste_variant / poisson_mode: ``normal``/``scar`` CutPaste; ``normal`` (paper) / ``mixed`` seamless cloning.
         decoder_channels: U-Net decoder widths, finest first (``None``: the skip's channels).
         pretrain_weights_out: if set, the fine-tuned encoder is also written there (timm-keyed safetensors) when
             pre-training ends.
-        seed: seed of the synthetic anomalies (combined with the DDP rank and the epoch).
+        seed: seed of the synthetic anomalies; sample ``i`` of epoch ``e`` uses ``(seed, e, i)``, made in the DataLoader
+            workers, so the samples depend neither on ``num_workers`` nor on DDP sharding.
         use_nfa_mask: ``pred_mask`` from the a-contrario NFA test on the latents (as UFlowNFA) instead of a threshold
             learnt on validation maps; ``pred_label`` = the mask has a pixel. Not in exported graphs (numpy max-tree):
             there the post-processor thresholds the map as usual.
@@ -105,7 +113,7 @@ class MSFlow(SlimCheckpointMixin, AnomalibModule):
 
     def __init__(
         self,
-        backbone: str = "wide_resnet50_2",
+        backbone: str = DEFAULT_BACKBONE,
         layers: Sequence[str] | None = None,
         pre_trained: bool = True,
         backbone_weights: str | None = None,
@@ -113,6 +121,7 @@ class MSFlow(SlimCheckpointMixin, AnomalibModule):
         clamp: float = DEFAULT_CLAMP,
         positional_channels: int = DEFAULT_POSITIONAL_CHANNELS,
         top_k: float = 0.03,
+        anomaly_map: AnomalyMapMode = "add",
         lr: float = 1e-4,
         lr_warmup_fraction: float = 0.12,
         lr_warmup_start_factor: float = 0.1,
@@ -122,6 +131,7 @@ class MSFlow(SlimCheckpointMixin, AnomalibModule):
         pretrain_task: Literal["none", "cutpaste", "poisson"] = "none",
         pretrain_epochs: int = 400,
         pretrain_lr: float = 1e-4,
+        pretrain_adapt_batch_norm: bool = False,
         poisson_source: str | None = None,
         cutpaste_variant: Literal["normal", "scar"] = "normal",
         poisson_mode: Literal["normal", "mixed"] = "normal",
@@ -165,6 +175,7 @@ class MSFlow(SlimCheckpointMixin, AnomalibModule):
         self.pretrain_task = pretrain_task
         self.pretrain_epochs = pretrain_epochs if pretrain_task != "none" else 0
         self.pretrain_lr = pretrain_lr
+        self.pretrain_adapt_batch_norm = pretrain_adapt_batch_norm
         self.poisson_source = poisson_source
         self.cutpaste_variant = cutpaste_variant
         self.poisson_mode = poisson_mode
@@ -180,12 +191,14 @@ class MSFlow(SlimCheckpointMixin, AnomalibModule):
             clamp=clamp,
             positional_channels=positional_channels,
             top_k=top_k,
+            anomaly_map=anomaly_map,
             use_nfa_mask=use_nfa_mask,
             log_nfa_threshold=log_nfa_threshold,
         )
         self.loss = MSFlowLoss()
         self.pretrain_network: SegmentationUNet | None = None
-        self.anomaly_generator: SyntheticAnomalyGenerator | None = None
+        self.synthetic_data: SyntheticAnomalyDataset | None = None
+        self._resume_epoch: int | None = None
         if self.pretrain_epochs:
             self.model.encoder.requires_grad_(True)
             self.pretrain_network = SegmentationUNet(
@@ -220,7 +233,10 @@ class MSFlow(SlimCheckpointMixin, AnomalibModule):
         return self.current_epoch < self.pretrain_epochs
 
     def on_fit_start(self) -> None:
-        """Check the epoch budget and build the synthetic-anomaly generator (reads and validates the Poisson source)."""
+        """Check the epoch budget; for pre-training, install the synthesis in the training DataLoader's workers.
+
+        The Poisson source is read (and checked) here, only when the fit starts or resumes in the pre-training stage.
+        """
         max_epochs = self.trainer.max_epochs
         if max_epochs is None or max_epochs < 0:
             msg = "MSFlow's learning-rate schedule needs a finite `trainer.max_epochs`."
@@ -242,43 +258,48 @@ class MSFlow(SlimCheckpointMixin, AnomalibModule):
                 "`--trainer.strategy ddp_find_unused_parameters_true` (or DDPStrategy(find_unused_parameters=True))."
             )
             raise ValueError(msg)
-        if self.pretrain_epochs and self.current_epoch < self.pretrain_epochs:
-            self.anomaly_generator = SyntheticAnomalyGenerator(
+        first_epoch = self._resume_epoch if self.trainer.ckpt_path and self._resume_epoch is not None else 0
+        self.synthetic_data = None
+        remove_synthesis(self.trainer)  # e.g. left by an earlier fit with the same datamodule
+        if first_epoch < self.pretrain_epochs:  # a fit resumed in the flow stage needs no synthesis (nor its source)
+            generator = SyntheticAnomalyGenerator(
                 self.pretrain_task,  # type: ignore[arg-type]
                 source=self.poisson_source,
                 cutpaste_variant=self.cutpaste_variant,
                 poisson_mode=self.poisson_mode,
-                seed=self.seed,
             )
+            self.synthetic_data = install_synthesis(
+                self.trainer, generator, seed=self.seed, resize=pre_processor_resize(self.pre_processor)
+            )
+            self.synthetic_data.epoch = first_epoch  # the first epoch's DataLoader iterator is built before its hooks
 
     def on_train_epoch_start(self) -> None:
-        """Re-seed the synthetic anomalies per (seed, rank, epoch), so an epoch's draws do not depend on earlier epochs."""
-        if self.anomaly_generator is not None and self.in_pretraining():
-            self.anomaly_generator.rng = np.random.default_rng([self.seed, self.global_rank, self.current_epoch])
-
-    def _synthetic_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Synthesise anomalies on pre-processed images: undo the pre-processor's normalisation, paste, redo it."""
-        normalize = (
-            _find_normalize(self.pre_processor.transform) if isinstance(self.pre_processor, PreProcessor) else None
-        )
-        if normalize is None:
-            return self.anomaly_generator(images)  # type: ignore[misc]
-        mean = torch.tensor(normalize.mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(normalize.std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-        anomalous, masks = self.anomaly_generator(images * std + mean)  # type: ignore[misc]
-        return (anomalous - mean) / std, masks
+        """Seed this epoch's synthetic samples; after pre-training the workers pass the normal images through."""
+        if self.synthetic_data is not None:
+            self.synthetic_data.start_epoch(self.current_epoch, self.trainer.train_dataloader)
+            self.synthetic_data.enabled = self.in_pretraining()
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Pre-training stage: BCE of the U-Net on synthetic anomalies. Flow stage: MSFlow's negative log-likelihood."""
         del args, kwargs
         if self.in_pretraining():
-            images, masks = self._synthetic_batch(batch.image)
-            loss = segmentation_loss(self.pretrain_network, images, masks)  # type: ignore[arg-type]
-            self.log("pretrain_bce", loss.item(), on_epoch=True, prog_bar=True, logger=True, batch_size=len(images))
+            if batch.gt_mask is None:
+                msg = "Pre-training batches need the synthetic-anomaly masks made in the DataLoader workers (gt_mask)."
+                raise ValueError(msg)
+            loss = segmentation_loss(
+                self.pretrain_network,  # type: ignore[arg-type]
+                batch.image,
+                batch.gt_mask,
+                adapt_batch_norm=self.pretrain_adapt_batch_norm,
+            )
+            self.log(
+                "pretrain_bce", loss.item(), on_epoch=True, prog_bar=True, logger=True, batch_size=len(batch.image)
+            )
             return {"loss": loss}
         latents, log_det = self.model(batch.image)
-        loss = self.loss(latents, log_det)
-        self.log("train_loss", loss.item(), on_epoch=True, prog_bar=True, logger=True, batch_size=len(batch.image))
+        loss = self.loss(latents, log_det)  # un-normalised, as MSFlow back-propagates it (the clip at 2 acts on it)
+        per_dimension = self.loss.per_dimension(loss.detach(), latents)
+        self.log("train_loss", per_dimension, on_epoch=True, prog_bar=True, logger=True, batch_size=len(batch.image))
         return {"loss": loss}
 
     def on_train_epoch_end(self) -> None:
@@ -309,6 +330,8 @@ class MSFlow(SlimCheckpointMixin, AnomalibModule):
         checkpoint (no U-Net saved) keeps its fresh decoder and takes the encoder from the checkpoint's extractor.
         """
         super().on_load_checkpoint(checkpoint)
+        epoch_progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
+        self._resume_epoch = epoch_progress.get("current", {}).get("completed")  # where a resumed fit continues
         state = checkpoint["state_dict"]
         if self.pretrain_network is None:
             for key in [key for key in state if key.startswith(f"{PRETRAIN_PREFIX}.")]:
