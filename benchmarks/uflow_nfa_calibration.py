@@ -196,6 +196,37 @@ def summarise(results: dict) -> dict:
     return summary
 
 
+def markdown(summary: dict) -> str:
+    """Table rows ``mean ± std`` per category and null/scale variant."""
+
+    def cell(values: tuple[float, float]) -> str:
+        return f"{values[0]:.3f} ± {values[1]:.3f}"
+
+    columns = ["false_regions", "hit_rate", "defect_iou", "nfa_miou", "nfa_map_oracle"]
+    lines = [
+        "| category | null / scales | false regions per normal image | defects hit | defect IoU | NFA mIoU | "
+        "−log10 NFA map oracle mIoU |",
+        "|---" * 7 + "|",
+    ]
+    for category, row in summary.items():
+        variants = sorted({key.rsplit("/", 1)[0] for key in row if key.count("/") == 2})
+        for variant in variants:
+            cells = " | ".join(cell(row[f"{variant}/{column}"]) for column in columns)
+            lines.append(f"| {category} | {variant} | {cells} |")
+    lines += [
+        "",
+        "| category | pixel AUROC | pixel AUPRO | likelihood oracle mIoU | PaDiM pixel AUROC | PaDiM AUPRO | fit (s) |",
+        "|---" * 7 + "|",
+    ]
+    for category, row in summary.items():
+        padim = [cell(row[key]) if key in row else "" for key in ("padim/pixel_auroc", "padim/pixel_aupro")]
+        lines.append(
+            f"| {category} | {cell(row['pixel_auroc'])} | {cell(row['pixel_aupro'])} | {cell(row['likelihood_oracle'])} | "
+            f"{padim[0]} | {padim[1]} | {cell(row['fit_s'])} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--categories", nargs="+", default=["gravel", "brick"])
@@ -208,7 +239,12 @@ def main() -> None:
     parser.add_argument("--padim", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument("--tables", nargs="+", type=Path, default=None, help="only print tables of saved outputs")
     args = parser.parse_args()
+    if args.tables:
+        results = {k: v for path in args.tables for k, v in json.loads(path.read_text())["results"].items()}
+        print(markdown(summarise(results)))
+        return
     torch.set_num_threads(args.threads)
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -222,7 +258,7 @@ def main() -> None:
                 results[category][seed] = row
                 print(category, seed, json.dumps(row), flush=True)
     summary = summarise(results)
-    print(json.dumps(summary, indent=1))
+    print(markdown(summary))
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(

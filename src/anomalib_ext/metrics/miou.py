@@ -99,7 +99,7 @@ class _OracleMIoU(Metric):
 
     def update(self, anomaly_map: torch.Tensor, gt_mask: torch.Tensor) -> None:
         maps, masks = _flatten_pairs(anomaly_map, gt_mask)
-        self.maps.append(maps.double())  # raw values, not rounded
+        self.maps.append(maps.to(torch.promote_types(maps.dtype, torch.float32)))  # raw values, not rounded
         self.masks.append(masks)
 
     def compute(self) -> torch.Tensor:
