@@ -11,6 +11,9 @@ is then evaluated on the same trained model and the same test latents. Per varia
 * ``likelihood_oracle``: the same for the raw likelihood map (the protocol applied to competitors);
 * ``pixel_auroc`` / ``pixel_aupro`` of the likelihood map (the null only moves the threshold: identical per model).
 
+Nulls: ``chi2`` (paper), ``calibrated`` (the model's: moment-matched ``s_l chi2(nu_l)`` per scale) and ``position``
+(evaluated here only: per-position scale ``s_l(x)`` with one ``nu_l`` per scale, fitted on the same held-out images).
+
 With ``--padim`` a stock PaDiM (``configs/stock/padim_textures.yaml`` settings) runs on the same data and seed.
 
 Usage::
@@ -78,9 +81,29 @@ def oracle(maps: torch.Tensor, masks: torch.Tensor) -> float:
     return float(oracle_miou(maps, masks)[0])
 
 
-def nfa_variant(model: UFlowNFA, latents, masks, labels, null: str, scales) -> dict[str, float]:
+@torch.no_grad()
+def position_null(model: UFlowNFA) -> list[tuple[np.ndarray, float]]:
+    """Per-position calibration on the model's held-out images: ``s_l(x) = m_l(x) / nu_l`` with ``m_l(x)`` the mean of
+    ``||z_l(x)||^2`` at position ``x`` and ``nu_l = 2 / Var(||z_l||^2 / m_l(x))`` (pooled over positions)."""
+    model.eval()
+    images = torch.stack(list(model._calibration_images.values()))  # noqa: SLF001
+    latents, _ = model.model.encode(images)
+    null = []
+    for latent in latents:
+        squared = latent.double().square().sum(dim=1)  # [N, H, W]
+        mean = squared.mean(dim=0)
+        dof = float(2 / (squared / mean).var())
+        null.append(((mean / dof).numpy(), dof))
+    return null
+
+
+def nfa_variant(model: UFlowNFA, latents, masks, labels, null: str, scales, position=None) -> dict[str, float]:
     torch_model = model.model
-    parameters = [tuple(row) for row in torch_model.null_table().tolist()] if null == "calibrated" else None
+    parameters = {
+        "chi2": None,
+        "calibrated": [tuple(row) for row in torch_model.null_table().tolist()],
+        "position": position,
+    }[null]
     generator = torch_model.anomaly_map_generator
     log_nfa, pred = a_contrario_segmentation(
         latents, generator.input_size, generator.log_nfa_threshold, generator.clamp_chernoff, parameters, scales
@@ -134,16 +157,21 @@ def run_uflow(category: str, seed: int, args: argparse.Namespace, root: Path, wo
     engine.fit(model=model, datamodule=data)
     fit_seconds = time.perf_counter() - start
     latents, maps, masks, labels = test_latents(model, data)
+    position = position_null(model)
     result = {
+        "position_null": {
+            "dof": [round(dof, 3) for _, dof in position],
+            "scale_max_over_median": [round(float(s.max() / np.median(s)), 2) for s, _ in position],
+        },
         "fit_s": round(fit_seconds, 1),
         "null": {"scale": model.model.null_scale.tolist(), "dof": model.model.null_dof.tolist()},
         "latent_shapes": model.model.latent_shapes,
         "likelihood_oracle": oracle(maps, masks),
         **pixel_metrics(maps, masks, labels),
     }
-    for null in ("chi2", "calibrated"):
+    for null in ("chi2", "calibrated", "position"):
         for name, scales in SCALE_CHOICES.items():
-            result[f"{null}/{name}"] = nfa_variant(model, latents, masks, labels, null, scales)
+            result[f"{null}/{name}"] = nfa_variant(model, latents, masks, labels, null, scales, position)
     return result
 
 
@@ -180,7 +208,7 @@ def summarise(results: dict) -> dict:
 
         def leaves(row, prefix=""):
             for key, value in row.items():
-                if isinstance(value, dict) and key not in ("null",):
+                if isinstance(value, dict) and key not in ("null", "position_null"):
                     yield from leaves(value, f"{prefix}{key}/")
                 elif isinstance(value, (int, float)):
                     yield f"{prefix}{key}", value

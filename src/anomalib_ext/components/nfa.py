@@ -303,7 +303,7 @@ def a_contrario_segmentation(
         log_nfa_threshold: detection threshold on ``log10 NFA`` (``mask = log10 NFA < threshold``; 0 means NFA < 1).
         clamp_chernoff: clamp the Chernoff bound to 0 for regions whose minimum is below the null mean (t <= 1).
         null: per scale (same order as ``latents``) the ``(s_l, nu_l)`` of the null ``||z_l||^2 ~ s_l chi2(nu_l)``;
-            ``None``: the paper's ``chi2(C_l)``.
+            ``s_l`` a number or a per-position array ``[H_l, W_l]``; ``None``: the paper's ``chi2(C_l)``.
         scales: indices of the scales that enter the test (and ``N_tests``); ``None``: all.
 
     Returns:
@@ -314,7 +314,9 @@ def a_contrario_segmentation(
             ``null`` of the wrong length or with non-positive parameters, or bad ``scales``.
     """
     _validate_latents(latents)
-    if null is not None and (len(null) != len(latents) or not all(s > 0 and nu > 0 for s, nu in null)):
+    if null is not None and (
+        len(null) != len(latents) or not all(np.all(np.asarray(s) > 0) and nu > 0 for s, nu in null)
+    ):
         msg = f"null must give a positive (scale, dof) per latent scale ({len(latents)}), got {null}."
         raise ValueError(msg)
     selected = select_scales(len(latents), scales)
@@ -324,7 +326,7 @@ def a_contrario_segmentation(
     for index in selected:
         latent = latents[index]
         channels = int(latent.shape[1])
-        scale, dof = (1.0, float(channels)) if null is None else (float(null[index][0]), float(null[index][1]))
+        scale, dof = (1.0, float(channels)) if null is None else (np.asarray(null[index][0]), float(null[index][1]))
         levels = _checked_scores(latent, index) * (channels / (scale * dof))  # t = ||z||^2 / (s nu)
         maps = np.stack([region_log10_pfa_map(level, dof, clamp_chernoff) for level in levels])
         scale_maps.append(

@@ -16,7 +16,7 @@ from anomalib.engine import Engine
 from anomalib.models.image.uflow.loss import UFlowLoss
 from PIL import Image
 
-from anomalib_ext.components.nfa import log10_number_of_tests
+from anomalib_ext.components.nfa import log10_number_of_tests, moment_matched_null
 from anomalib_ext.data import Textures
 from anomalib_ext.deploy import NFAInferencer
 from anomalib_ext.models import UFlowNFA
@@ -214,7 +214,15 @@ def test_calibrated_null_reload_and_deployment_parity(
     model, engine = _fit_tiny(textures_root, tmp_path, log_nfa_threshold=threshold)
     assert model.model.nfa_null == "calibrated"  # the CNN default
     assert bool(model.model.null_calibrated)
-    assert not torch.allclose(model.model.null_scale, torch.ones_like(model.model.null_scale))
+    model.eval()
+    with torch.no_grad():  # the stored null = the moments of every scale on the held-out images
+        held_out, _ = model.model.encode(torch.stack(list(model._calibration_images.values())))
+    squared = [latent.double().square().sum(dim=1) for latent in held_out]
+    scale, dof = moment_matched_null(
+        torch.stack([q.mean() for q in squared]), torch.stack([q.var(unbiased=False) for q in squared])
+    )
+    torch.testing.assert_close(model.model.null_scale, scale)
+    torch.testing.assert_close(model.model.null_dof, dof)
     checkpoint = tmp_path / "reload.ckpt"
     engine.trainer.save_checkpoint(checkpoint)
     # as for every Anomalib model, a non-default pre-processor (here the input size) is passed again on reload

@@ -291,8 +291,8 @@ class UFlowNFA(AnomalibModule):
         self.model.train(was_training)
         if self.trainer.world_size > 1:
             sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
-        count = sums[0, 0]
-        if count == 0:
+        count = sums[:, 0]  # pixels per scale
+        if count[0] == 0:
             logger.warning(
                 "UFlowNFA: nfa_null='calibrated' but no held-out normal image was seen (calibration_fraction=%s, "
                 "image paths %s); the NFA uses the chi2 null.",
