@@ -278,3 +278,19 @@ def test_half_precision_latents_are_squared_in_float64() -> None:
     np.testing.assert_allclose(latent_scores(latent), np.full((1, 3, 3), 90000.0))
     log_nfa, mask = a_contrario_segmentation([latent], (3, 3))
     assert mask.all()
+
+
+def test_per_position_null_scale() -> None:
+    """A per-position ``s_l(x)``: ones give the scalar null back; a position whose scale absorbs a planted shift is
+    no longer detected there."""
+    generator = torch.Generator().manual_seed(6)
+    latents = [torch.randn(1, 64, 8, 8, generator=generator)]
+    latents[0][..., 2:5, 2:5] *= 2.0
+    _, scalar = a_contrario_segmentation(latents, (8, 8), null=[(1.0, 64.0)])
+    _, ones = a_contrario_segmentation(latents, (8, 8), null=[(np.ones((8, 8)), 64.0)])
+    assert torch.equal(scalar, ones)
+    assert scalar[0, 2:5, 2:5].sum() >= 5
+    scale = np.ones((8, 8))
+    scale[2:5, 2:5] = 4.0
+    _, absorbed = a_contrario_segmentation(latents, (8, 8), null=[(scale, 64.0)])
+    assert not absorbed.any()
