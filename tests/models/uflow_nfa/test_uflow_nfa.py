@@ -7,6 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import onnx
 import pytest
 import timm
 import torch
@@ -206,7 +207,7 @@ def _fit_tiny(textures_root: Path, tmp_path: Path, **kwargs) -> tuple[UFlowNFA, 
 
 
 def test_calibrated_null_reload_and_deployment_parity(
-    textures_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    textures_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Calibration is fitted in fit, saved and reloaded; ONNX (NFAInferencer) and torch exports give model(x)'s mask."""
     # a threshold just below log10 N_tests: any region with PFA < 0.1 is flagged, so the masks compared are not empty
@@ -242,7 +243,12 @@ def test_calibrated_null_reload_and_deployment_parity(
     with torch.no_grad():
         torch_output = model(probe)
     assert torch_output.pred_mask.any()
-    onnx_path = model.to_onnx(tmp_path / "export", input_size=SIZE)
+    with caplog.at_level(logging.WARNING):
+        onnx_path = model.to_onnx(tmp_path / "export", input_size=SIZE)
+    assert "NFA mask is not part of the graph" in caplog.text  # said at export time
+    outputs = [output.name for output in onnx.load(str(onnx_path)).graph.output]
+    assert "pred_mask" not in outputs
+    assert {"pred_score", "anomaly_map", "nfa_latent_0", "nfa_latent_2", "nfa_null", "nfa_settings"} <= set(outputs)
     deployed = NFAInferencer(onnx_path).predict(probe.numpy())
     assert deployed.pred_mask.shape == torch_output.pred_mask.shape == (2, *SIZE)
     assert torch.equal(deployed.pred_mask, torch_output.pred_mask)
@@ -253,20 +259,6 @@ def test_calibrated_null_reload_and_deployment_parity(
     monkeypatch.setenv("TRUST_REMOTE_CODE", "1")
     torch_inferencer = TorchInferencer(model.to_torch(tmp_path / "export"), device="cpu")
     assert torch.equal(torch_inferencer.predict(probe).pred_mask, torch_output.pred_mask)
-
-
-def test_export_says_the_graph_has_no_nfa_mask(textures_root: Path, tmp_path: Path, caplog) -> None:
-    model = UFlowNFA(
-        backbone="efficientnet_lite0", pre_trained=False, pre_processor=UFlowNFA.configure_pre_processor(SIZE)
-    )
-    import onnx
-
-    with caplog.at_level(logging.WARNING):
-        path = model.to_onnx(tmp_path, input_size=SIZE)
-    assert "NFA mask is not part of the graph" in caplog.text
-    outputs = [output.name for output in onnx.load(str(path)).graph.output]
-    assert "pred_mask" not in outputs
-    assert {"pred_score", "anomaly_map", "nfa_latent_0", "nfa_latent_2", "nfa_null", "nfa_settings"} <= set(outputs)
 
 
 def test_no_calibration_images_warn_and_use_chi2(textures_root: Path, tmp_path: Path, caplog) -> None:

@@ -204,6 +204,7 @@ class UFlowNFA(AnomalibModule):
         self.weight_decay = weight_decay
         self._calibration_images: dict[str, torch.Tensor] = {}
         self._calibrated_at_step: int | None = None
+        self._warned_no_calibration = False
         self._export_nfa_inputs = False
 
     @classmethod
@@ -293,12 +294,13 @@ class UFlowNFA(AnomalibModule):
             sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
         count = sums[:, 0]  # pixels per scale
         if count[0] == 0:
-            logger.warning(
-                "UFlowNFA: nfa_null='calibrated' but no held-out normal image was seen (calibration_fraction=%s, "
-                "image paths %s); the NFA uses the chi2 null.",
-                self.calibration_fraction,
-                "missing" if not self._calibration_images else "present",
-            )
+            if not self._warned_no_calibration:
+                logger.warning(
+                    "UFlowNFA: nfa_null='calibrated' but no held-out normal image was seen (calibration_fraction=%s; "
+                    "training batches must carry image_path); the NFA uses the chi2 null.",
+                    self.calibration_fraction,
+                )
+                self._warned_no_calibration = True
             return
         mean = sums[:, 1] / count
         variance = sums[:, 2] / count - mean.square()
