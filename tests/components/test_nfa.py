@@ -14,7 +14,9 @@ from anomalib_ext.components.nfa import (
     build_component_tree,
     chernoff_log10_pfa,
     detection_leaves,
+    latent_scores,
     log10_number_of_tests,
+    moment_matched_null,
     region_log10_pfa_map,
 )
 from tests.components.nfa_reference import reference_segmentation
@@ -193,3 +195,102 @@ def test_mismatched_scales_raise() -> None:
         a_contrario_segmentation([torch.randn(2, 4, 8, 8), torch.randn(8, 4, 4)], (16, 16))
     with pytest.raises(ValueError, match="non-empty list"):
         a_contrario_segmentation([], (16, 16))
+
+
+def _regions_per_image(masks: torch.Tensor) -> list[int]:
+    return [ndimage.label(mask.numpy())[1] for mask in masks]
+
+
+@pytest.mark.parametrize("variance", [0.7, 1.3])
+def test_calibrated_null_on_miscalibrated_latents(variance: float) -> None:
+    """Latents of variance 0.7 / 1.3 (paper-like channels): chi2 flags nothing / (almost) whole images; the
+    moment-matched null fitted on held-out normal latents keeps <= 1 false region per image and still finds a planted
+    shifted region (that chi2 misses when under-dispersed)."""
+    generator = torch.Generator().manual_seed(5)
+    shapes = [(816, 14), (192, 7)]
+
+    def latents(count: int) -> list[torch.Tensor]:
+        return [torch.randn(count, c, h, h, generator=generator) * math.sqrt(variance) for c, h in shapes]
+
+    squared = [z.double().square().sum(dim=1).flatten() for z in latents(8)]  # held-out normal images
+    scale, dof = moment_matched_null(torch.stack([q.mean() for q in squared]), torch.stack([q.var() for q in squared]))
+    null = list(zip(scale.tolist(), dof.tolist(), strict=True))
+    assert scale.tolist() == pytest.approx([variance] * 2, rel=0.1)
+    assert dof.tolist() == pytest.approx([c for c, _ in shapes], rel=0.15)
+
+    normal = latents(10)
+    _, chi2_masks = a_contrario_segmentation(normal, (28, 28))
+    _, calibrated_masks = a_contrario_segmentation(normal, (28, 28), null=null)
+    assert np.mean(_regions_per_image(calibrated_masks)) <= 1.0
+    if variance > 1:
+        assert chi2_masks.flatten(1).float().mean(dim=1).median() > 0.9  # chi2 flags (almost) whole images
+    else:
+        assert not chi2_masks.any()
+
+    planted = latents(1)
+    planted[0][..., 3:7, 4:9] += math.sqrt(variance)
+    planted[1][..., 2:4, 2:5] += math.sqrt(variance)
+    truth = torch.zeros(28, 28, dtype=torch.bool)
+    truth[6:14, 8:18] = True
+    _, mask = a_contrario_segmentation(planted, (28, 28), null=null)
+    assert (mask[0] & truth).sum() / (mask[0] | truth).sum() >= 0.5
+
+
+def test_white_latents_give_back_the_chi2_null() -> None:
+    scale, dof = moment_matched_null(torch.tensor([16.0]), torch.tensor([32.0]))  # chi2_16: mean 16, variance 32
+    assert scale.item() == pytest.approx(1.0)
+    assert dof.item() == pytest.approx(16.0)
+    latents = [torch.randn(2, 16, 8, 8) * 1.4, torch.randn(2, 8, 4, 4)]
+    expected = a_contrario_segmentation(latents, (16, 16))
+    actual = a_contrario_segmentation(latents, (16, 16), null=[(1.0, 16.0), (1.0, 8.0)])
+    for want, got in zip(expected, actual, strict=True):
+        assert torch.equal(want, got)
+
+
+def test_scale_selection_counts_tests_over_selected_scales() -> None:
+    latents = [torch.randn(1, 4, 16, 16), torch.randn(1, 8, 8, 8), torch.randn(1, 16, 4, 4)]
+    log_nfa, _ = a_contrario_segmentation(latents, (16, 16), scales=[1, 2])
+    assert log_nfa.max().item() == pytest.approx(log10_number_of_tests((64, 16)), abs=1e-3)
+    latents[0][..., 4:12, 4:12] += 3.0  # a strong anomaly seen only by the dropped scale
+    _, mask = a_contrario_segmentation(latents, (16, 16), scales=[-2, -1])
+    assert not mask.any()
+    with pytest.raises(ValueError, match="distinct indices"):
+        a_contrario_segmentation(latents, (16, 16), scales=[3])
+    with pytest.raises(ValueError, match="positive"):
+        a_contrario_segmentation(latents, (16, 16), null=[(1.0, 4.0)])
+
+
+@pytest.mark.parametrize("shape", [(2, 4), (4, 2), (1, 5), (2, 2)])
+def test_maps_thinner_than_three_pixels(shape: tuple[int, int]) -> None:
+    """scikit-image's max-tree fails or is wrong on a side of 2: such maps are padded below every score."""
+    score = np.ones(shape)
+    score.flat[0] = 5.0
+    score.flat[-1] = 3.0
+    result = region_log10_pfa_map(score, channels=4)
+    expected = np.zeros(shape)
+    expected.flat[0] = chernoff_log10_pfa(np.array([5.0]), np.array([1]), 4)[0]
+    expected.flat[-1] = chernoff_log10_pfa(np.array([3.0]), np.array([1]), 4)[0]
+    np.testing.assert_allclose(result, expected)
+
+
+def test_half_precision_latents_are_squared_in_float64() -> None:
+    latent = torch.full((1, 4, 3, 3), 300.0, dtype=torch.float16)  # 300^2 overflows float16
+    np.testing.assert_allclose(latent_scores(latent), np.full((1, 3, 3), 90000.0))
+    log_nfa, mask = a_contrario_segmentation([latent], (3, 3))
+    assert mask.all()
+
+
+def test_per_position_null_scale() -> None:
+    """A per-position ``s_l(x)``: ones give the scalar null back; a position whose scale absorbs a planted shift is
+    no longer detected there."""
+    generator = torch.Generator().manual_seed(6)
+    latents = [torch.randn(1, 64, 8, 8, generator=generator)]
+    latents[0][..., 2:5, 2:5] *= 2.0
+    _, scalar = a_contrario_segmentation(latents, (8, 8), null=[(1.0, 64.0)])
+    _, ones = a_contrario_segmentation(latents, (8, 8), null=[(np.ones((8, 8)), 64.0)])
+    assert torch.equal(scalar, ones)
+    assert scalar[0, 2:5, 2:5].sum() >= 5
+    scale = np.ones((8, 8))
+    scale[2:5, 2:5] = 4.0
+    _, absorbed = a_contrario_segmentation(latents, (8, 8), null=[(scale, 64.0)])
+    assert not absorbed.any()

@@ -3,13 +3,15 @@
 Reusable by any model whose latent variables are white Gaussian noise under the null hypothesis H0 (normal data),
 e.g. the latents of a normalizing flow. Implements phase 4 of U-Flow (Tailanian et al., 2024, Sec. 3.4):
 
-* Per scale ``l`` with ``C_l`` channels, the score ``S_l(x) = ||z_l(x)||^2 / C_l``. Candidate regions are the
-  4-connected components of all upper level sets ``{S_l >= lambda}``: the nodes of the max-tree of ``S_l``
-  (``skimage.morphology.max_tree``; equal-valued pixels share one node).
-* Under H0 ``||z_l(x)||^2 ~ chi2(C_l)`` independently per pixel, so a region ``R`` whose minimum is ``m_R`` has
-  ``PFA(R) = P(chi2_C >= m_R)^|R|``, bounded with Chernoff (``t = m_R / C``)::
+* Per scale ``l`` with ``C_l`` channels, the score ``S_l(x) = ||z_l(x)||^2 / C_l`` (summed in float64). Candidate
+  regions are the 4-connected components of all upper level sets ``{S_l >= lambda}``: the nodes of the max-tree of
+  ``S_l`` (``skimage.morphology.max_tree``; equal-valued pixels share one node). Maps smaller than 3 pixels in a
+  dimension are padded with a level below every score (the padding joins only the root, whose PFA is set to 1).
+* Under H0 ``||z_l(x)||^2 ~ s_l * chi2(nu_l)`` independently per pixel (the paper: ``s_l = 1``, ``nu_l = C_l``; a
+  calibrated null, :func:`moment_matched_null`, fits ``s_l, nu_l`` on held-out normal latents), so a region ``R``
+  whose minimum is ``m_R`` has ``PFA(R) = P(s chi2_nu >= m_R)^|R|``, bounded with Chernoff (``t = m_R / (s nu)``)::
 
-      log10 PFA(R) = -|R| * (C / 2) * (t - 1 - ln t) / ln 10     for t > 1,   0 otherwise.
+      log10 PFA(R) = -|R| * (nu / 2) * (t - 1 - ln t) / ln 10     for t > 1,   0 otherwise.
 
   The bound is vacuous for ``t <= 1``; ``clamp_chernoff=False`` keeps the unclamped published behaviour, which
   flags whole images whose latents are slightly under-dispersed.
@@ -19,7 +21,8 @@ e.g. the latents of a normalizing flow. Implements phase 4 of U-Flow (Tailanian 
   prune. The leaves left are the detections; their pixels get the leaf's log PFA, all other pixels 0.
 * Scales are merged (eq. 8) by bilinear upsampling of each log PFA map and a per-pixel minimum, and
   ``log10 NFA = log10 N_tests + log10 PFA`` with the fixed-polyomino count of eq. 9
-  ``N_tests = sum_l N_l * sum_{n=1..N_l} alpha * beta^n / n`` (computed in log space, cached per latent shape).
+  ``N_tests = sum_l N_l * sum_{n=1..N_l} alpha * beta^n / n`` (computed in log space, cached per latent shape), over
+  the scales selected for the test only (``scales``; default all, as the paper).
 
 Detections are the pixels where ``log10 NFA < log_nfa_threshold`` (default 0: NFA < 1, i.e. on average at most one
 false region per anomaly-free image).
@@ -52,7 +55,9 @@ __all__ = [
     "detection_leaves",
     "latent_scores",
     "log10_number_of_tests",
+    "moment_matched_null",
     "region_log10_pfa_map",
+    "select_scales",
 ]
 
 
@@ -73,8 +78,20 @@ def log10_number_of_tests(region_sizes: tuple[int, ...]) -> float:
     return float(np.logaddexp.reduce(np.asarray(per_scale))) / math.log(10.0)
 
 
-def chernoff_log10_pfa(level: np.ndarray, area: np.ndarray, channels: int, clamp: bool = True) -> np.ndarray:
-    """Chernoff bound of ``log10 P(chi2_C >= C * t)^area`` for regions with normalised minimum ``t = level``.
+def moment_matched_null(mean: torch.Tensor, variance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Satterthwaite's scaled chi-square ``s * chi2_nu`` with the given mean and variance of ``||z||^2``.
+
+    ``E = s nu`` and ``Var = 2 s^2 nu`` give ``s = Var / (2 E)`` and ``nu = 2 E^2 / Var``; white ``N(0, 1)`` latents
+    with ``C`` channels give back ``s = 1``, ``nu = C``.
+    """
+    mean, variance = mean.double(), variance.double().clamp(min=torch.finfo(torch.float64).tiny)
+    return variance / (2 * mean), 2 * mean.square() / variance
+
+
+def chernoff_log10_pfa(level: np.ndarray, area: np.ndarray, channels: float, clamp: bool = True) -> np.ndarray:
+    """Chernoff bound of ``log10 P(chi2_nu >= nu * t)^area`` for regions with normalised minimum ``t = level``.
+
+    ``channels`` is the number of degrees of freedom ``nu`` of the null (``C`` for the paper's ``chi2_C``).
 
     With ``clamp`` (default) the bound is 0 for ``t <= 1`` where it is vacuous; without it, the formula is used for
     every ``t`` (published reference behaviour).
@@ -205,20 +222,35 @@ def detection_leaves(parent: np.ndarray, log_pfa: np.ndarray) -> np.ndarray:
     return tree.leaves()
 
 
-def region_log10_pfa_map(score: np.ndarray, channels: int, clamp_chernoff: bool = True) -> np.ndarray:
-    """Per-pixel ``log10 PFA`` ``[H, W]`` of the detected regions of one score map (0 outside detections)."""
+MIN_MAP_SIDE = 3
+
+
+def region_log10_pfa_map(score: np.ndarray, channels: float, clamp_chernoff: bool = True) -> np.ndarray:
+    """Per-pixel ``log10 PFA`` ``[H, W]`` of the detected regions of one score map (0 outside detections).
+
+    ``score`` is the normalised level ``t`` (``||z||^2 / (s nu)``) and ``channels`` the null's ``nu``. Sides shorter
+    than 3 pixels (where scikit-image's max-tree fails or is wrong) are padded with a level below every score, so
+    the padding only forms a new root, whose PFA is set to 1.
+    """
+    height, width = score.shape
+    padded = height < MIN_MAP_SIDE or width < MIN_MAP_SIDE
+    if padded:
+        pad = ((0, max(0, MIN_MAP_SIDE - height)), (0, max(0, MIN_MAP_SIDE - width)))
+        score = np.pad(score, pad, constant_values=float(score.min()) - 1.0)
     tree = build_component_tree(score)
     log_pfa = chernoff_log10_pfa(tree.level, tree.area, channels, clamp=clamp_chernoff)
+    if padded:
+        log_pfa[0] = 0.0  # the root made of the padding is not a region of the map
     kept = detection_leaves(tree.parent, log_pfa)
     ids = np.arange(kept.size)
     owner = _pointer_jump(np.where(kept | (tree.parent == ids), ids, tree.parent))
     node_log_pfa = np.where(kept[owner], log_pfa[owner], 0.0)
-    return node_log_pfa[tree.pixel_node].reshape(score.shape)
+    return node_log_pfa[tree.pixel_node].reshape(score.shape)[:height, :width]
 
 
 def latent_scores(latent: torch.Tensor) -> np.ndarray:
-    """``S(x) = ||z(x)||^2 / C`` for latents ``[B, C, H, W]`` as float64 numpy ``[B, H, W]`` (summed in the input dtype)."""
-    return latent.detach().square().mean(dim=1).to(device="cpu", dtype=torch.float64).numpy()
+    """``S(x) = ||z(x)||^2 / C`` for latents ``[B, C, H, W]`` as float64 numpy ``[B, H, W]`` (squared in float64)."""
+    return latent.detach().to(dtype=torch.float64).square().mean(dim=1).cpu().numpy()
 
 
 def _validate_latents(latents: Sequence[torch.Tensor]) -> None:
@@ -244,11 +276,24 @@ def _checked_scores(latent: torch.Tensor, index: int) -> np.ndarray:
     return scores
 
 
+def select_scales(count: int, scales: Sequence[int] | None) -> list[int]:
+    """Sorted distinct indices (negative ones allowed) into ``count`` scales; ``None``: all."""
+    if scales is None:
+        return list(range(count))
+    selected = sorted({int(index) % count for index in scales if -count <= int(index) < count})
+    if not selected or len(selected) != len(set(scales)):
+        msg = f"scales must be distinct indices into the {count} latent scales, got {list(scales)}."
+        raise ValueError(msg)
+    return selected
+
+
 def a_contrario_segmentation(
     latents: Sequence[torch.Tensor],
     output_size: tuple[int, int] | int,
     log_nfa_threshold: float = 0.0,
     clamp_chernoff: bool = True,
+    null: Sequence[tuple[float, float]] | None = None,
+    scales: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Segment anomalies in per-scale latents with the tree NFA test (Tailanian et al., 2024, eqs. 5-9).
 
@@ -257,26 +302,38 @@ def a_contrario_segmentation(
         output_size: ``(H, W)`` of the returned maps (or one int for a square).
         log_nfa_threshold: detection threshold on ``log10 NFA`` (``mask = log10 NFA < threshold``; 0 means NFA < 1).
         clamp_chernoff: clamp the Chernoff bound to 0 for regions whose minimum is below the null mean (t <= 1).
+        null: per scale (same order as ``latents``) the ``(s_l, nu_l)`` of the null ``||z_l||^2 ~ s_l chi2(nu_l)``;
+            ``s_l`` a number or a per-position array ``[H_l, W_l]``; ``None``: the paper's ``chi2(C_l)``.
+        scales: indices of the scales that enter the test (and ``N_tests``); ``None``: all.
 
     Returns:
         ``log10 NFA`` maps ``[B, H, W]`` (float32, on the latents' device) and boolean masks ``[B, H, W]``.
 
     Raises:
-        ValueError: empty input, a latent that is not 4-D, NaN/inf values, or scales with different batch sizes.
+        ValueError: empty input, a latent that is not 4-D, NaN/inf values, scales with different batch sizes, a
+            ``null`` of the wrong length or with non-positive parameters, or bad ``scales``.
     """
     _validate_latents(latents)
+    if null is not None and (
+        len(null) != len(latents) or not all(np.all(np.asarray(s) > 0) and nu > 0 for s, nu in null)
+    ):
+        msg = f"null must give a positive (scale, dof) per latent scale ({len(latents)}), got {null}."
+        raise ValueError(msg)
+    selected = select_scales(len(latents), scales)
     size = (output_size, output_size) if isinstance(output_size, int) else tuple(int(s) for s in output_size)
     device = latents[0].device
     scale_maps = []
-    for index, latent in enumerate(latents):
+    for index in selected:
+        latent = latents[index]
         channels = int(latent.shape[1])
-        scores = _checked_scores(latent, index)
-        maps = np.stack([region_log10_pfa_map(score, channels, clamp_chernoff) for score in scores])
+        scale, dof = (1.0, float(channels)) if null is None else (np.asarray(null[index][0]), float(null[index][1]))
+        levels = _checked_scores(latent, index) * (channels / (scale * dof))  # t = ||z||^2 / (s nu)
+        maps = np.stack([region_log10_pfa_map(level, dof, clamp_chernoff) for level in levels])
         scale_maps.append(
             F.interpolate(torch.from_numpy(maps)[:, None], size=size, mode="bilinear", align_corners=False)
         )
     log_pfa = torch.cat(scale_maps, dim=1).amin(dim=1)
-    log_n_tests = log10_number_of_tests(tuple(int(latent.shape[-2] * latent.shape[-1]) for latent in latents))
+    log_n_tests = log10_number_of_tests(tuple(int(latents[i].shape[-2] * latents[i].shape[-1]) for i in selected))
     log_nfa = log_pfa + log_n_tests
     mask = log_nfa < log_nfa_threshold
     return log_nfa.to(device=device, dtype=torch.float32), mask.to(device)

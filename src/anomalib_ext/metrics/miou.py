@@ -6,9 +6,11 @@ scores about 0.
 
 * :class:`MIoU` scores binary masks (default fields ``pred_mask`` / ``gt_mask``), e.g. the unsupervised NFA mask.
 * :class:`OracleMIoU` scores continuous maps (default fields ``anomaly_map`` / ``gt_mask``) at the single threshold
-  that maximises the mIoU over the whole evaluated set (the paper's "oracle" threshold), chosen among
-  ``num_thresholds`` values evenly spaced between the smallest and largest map value. The chosen threshold is kept
-  in ``best_threshold`` after :meth:`compute`.
+  that maximises the mIoU over the whole evaluated set (the paper's "oracle" threshold). Prediction = ``map >= t``;
+  the candidates are exact map values: every distinct value (up to ``max_thresholds`` of them, else that many
+  evenly spaced order statistics of the distinct values) plus "above the maximum" (no detection). Give it raw,
+  un-normalised maps (min-max normalisation with clipping merges values). The chosen threshold is kept in
+  ``best_threshold`` after :meth:`compute` (``inf`` = detect nothing).
 
 Both are Anomalib metrics usable in any model's :class:`~anomalib.metrics.Evaluator`::
 
@@ -80,16 +82,16 @@ class MIoU(AnomalibMetric, _MIoU):  # type: ignore[misc]
 
 
 class _OracleMIoU(Metric):
-    """mIoU of continuous maps at the best single threshold over the evaluated set."""
+    """mIoU of continuous maps at the best single threshold over the evaluated set (exact candidate values)."""
 
     full_state_update = False
 
-    def __init__(self, num_thresholds: int = 256, eps: float = DEFAULT_EPS, **kwargs) -> None:
+    def __init__(self, max_thresholds: int = 100_000, eps: float = DEFAULT_EPS, **kwargs) -> None:
         super().__init__(**kwargs)
-        if num_thresholds < 2:
-            msg = f"num_thresholds must be >= 2, got {num_thresholds}."
+        if max_thresholds < 2:
+            msg = f"max_thresholds must be >= 2, got {max_thresholds}."
             raise ValueError(msg)
-        self.num_thresholds = num_thresholds
+        self.max_thresholds = max_thresholds
         self.eps = eps
         self.best_threshold: torch.Tensor | None = None
         self.add_state("maps", default=[], dist_reduce_fx="cat")
@@ -97,26 +99,40 @@ class _OracleMIoU(Metric):
 
     def update(self, anomaly_map: torch.Tensor, gt_mask: torch.Tensor) -> None:
         maps, masks = _flatten_pairs(anomaly_map, gt_mask)
-        self.maps.append(maps.float())
+        self.maps.append(maps.to(torch.promote_types(maps.dtype, torch.float32)))  # raw values, not rounded
         self.masks.append(masks)
 
     def compute(self) -> torch.Tensor:
         if len(self.maps) == 0:  # a list before DDP sync, a concatenated tensor after it
             msg = "OracleMIoU.compute() called before any image was seen."
             raise RuntimeError(msg)
-        maps, masks = dim_zero_cat(self.maps), dim_zero_cat(self.masks)
-        thresholds = torch.linspace(float(maps.min()), float(maps.max()), self.num_thresholds, device=maps.device)
-        target_area = masks.sum(dim=1, dtype=torch.float64)
-        best_miou, best_threshold = torch.tensor(-1.0, dtype=torch.float64), thresholds[0]
-        for threshold in thresholds:
-            preds = maps > threshold
-            intersection = (preds & masks).sum(dim=1, dtype=torch.float64)
-            union = preds.sum(dim=1, dtype=torch.float64) + target_area - intersection
-            miou = ((intersection + self.eps) / (union + self.eps)).mean()
-            if miou > best_miou:
-                best_miou, best_threshold = miou, threshold
-        self.best_threshold = best_threshold
-        return best_miou.float()
+        miou, self.best_threshold = oracle_miou(
+            dim_zero_cat(self.maps), dim_zero_cat(self.masks), self.max_thresholds, self.eps
+        )
+        return miou.float()
+
+
+def oracle_miou(
+    maps: torch.Tensor, masks: torch.Tensor, max_thresholds: int = 100_000, eps: float = DEFAULT_EPS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(best mIoU, its threshold)`` of ``maps >= t`` over exact candidate values (see the module docstring)."""
+    maps, masks = _flatten_pairs(maps, masks)
+    maps = maps.double()
+    thresholds = torch.unique(maps)
+    if thresholds.numel() > max_thresholds - 1:
+        index = torch.linspace(0, thresholds.numel() - 1, max_thresholds - 1, device=thresholds.device)
+        thresholds = thresholds[index.round().long()]
+    thresholds = torch.cat([thresholds, thresholds.new_tensor([torch.inf])])  # inf: no detection
+    iou_sum = torch.zeros_like(thresholds)
+    for image_map, image_mask in zip(maps, masks, strict=True):
+        values = torch.sort(image_map).values
+        target_values = torch.sort(image_map[image_mask]).values
+        predicted = values.numel() - torch.searchsorted(values, thresholds, side="left")  # |{map >= t}|
+        intersection = target_values.numel() - torch.searchsorted(target_values, thresholds, side="left")
+        union = predicted + target_values.numel() - intersection
+        iou_sum += (intersection + eps) / (union + eps)
+    best = int(torch.argmax(iou_sum))
+    return iou_sum[best] / maps.shape[0], thresholds[best]
 
 
 class OracleMIoU(AnomalibMetric, _OracleMIoU):  # type: ignore[misc]

@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import onnx
 import pytest
 import timm
 import torch
+from anomalib.data import ImageBatch
+from anomalib.deploy import TorchInferencer
 from anomalib.engine import Engine
 from anomalib.models.image.uflow.loss import UFlowLoss
 from PIL import Image
 
+from anomalib_ext.components.nfa import log10_number_of_tests, moment_matched_null
 from anomalib_ext.data import Textures
+from anomalib_ext.deploy import NFAInferencer
 from anomalib_ext.models import UFlowNFA
 from anomalib_ext.models.uflow_nfa import UFlowNFALoss, UFlowNFAModel
 from anomalib_ext.models.uflow_nfa import torch_model as torch_model_module
+from anomalib_ext.models.uflow_nfa.lightning_model import CNN_INPUT_SIZE
 
 SIZE = (64, 64)
 TINY = {"tile_size": 64, "num_train": 8, "num_test_normal": 4, "num_test_defect": 2}
@@ -86,8 +94,10 @@ def test_mcait_wiring_with_small_cait_stand_ins(monkeypatch: pytest.MonkeyPatch)
 
     def small_cait(name: str, pre_trained: bool = True, backbone_weights: str | None = None) -> torch.nn.Module:
         requested.append((name, backbone_weights))
-        size = 448 if name == "cait_m48_448" else 224
-        return timm.create_model("cait_xxs24_224", pretrained=False, img_size=size, depth=2, embed_dim=48, num_heads=4)
+        size, depth = (448, 41) if name == "cait_m48_448" else (224, 21)  # the blocks MS-CaiT uses
+        return timm.create_model(
+            "cait_xxs24_224", pretrained=False, img_size=size, depth=depth, embed_dim=16, num_heads=2
+        )
 
     monkeypatch.setattr(torch_model_module, "build_timm_model", small_cait)
     model = UFlowNFAModel((448, 448), backbone="mcait", backbone_weights=["m48.pth", "s24.pth"], flow_steps=1).eval()
@@ -96,9 +106,52 @@ def test_mcait_wiring_with_small_cait_stand_ins(monkeypatch: pytest.MonkeyPatch)
     with torch.no_grad():
         features = model.feature_extractor(image)
         output = model(image)
-    assert [tuple(f.shape) for f in features] == [(1, 48, 28, 28), (1, 48, 14, 14)]
+    assert [tuple(f.shape) for f in features] == [(1, 16, 28, 28), (1, 16, 14, 14)]
     assert output.pred_mask.shape == (1, 448, 448)
     assert not any(p.requires_grad for p in model.feature_extractor.parameters())
+
+
+def test_mcait_with_too_few_blocks_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    def shallow_cait(name: str, pre_trained: bool = True, backbone_weights: str | None = None) -> torch.nn.Module:
+        size = 448 if name == "cait_m48_448" else 224
+        return timm.create_model("cait_xxs24_224", pretrained=False, img_size=size, depth=2, embed_dim=16, num_heads=2)
+
+    monkeypatch.setattr(torch_model_module, "build_timm_model", shallow_cait)
+    with pytest.raises(ValueError, match="blocks 0..40 of cait_m48_448, but this model has only 2"):
+        UFlowNFAModel((448, 448), backbone="mcait", pre_trained=False, flow_steps=1)
+
+
+def test_cnn_backbone_frozen_and_out_of_the_optimizer() -> None:
+    model = UFlowNFA(backbone="efficientnet_lite0", pre_trained=False, lr=2e-4, weight_decay=0.0)
+    assert model.input_size == CNN_INPUT_SIZE  # not the MS-CaiT 448 px
+    backbone = list(model.model.feature_extractor.extractor.parameters())
+    assert backbone
+    assert not any(p.requires_grad for p in backbone)
+    model.trainer = SimpleNamespace(estimated_stepping_batches=123)  # what Lightning gives configure_optimizers
+    config = model.configure_optimizers()
+    optimised = {id(p) for group in config["optimizer"].param_groups for p in group["params"]}
+    assert not optimised & {id(p) for p in backbone}
+    assert config["optimizer"].param_groups[0]["lr"] == 2e-4
+    assert config["optimizer"].param_groups[0]["weight_decay"] == 0.0
+    assert config["lr_scheduler"]["scheduler"].total_iters == 123
+    assert config["lr_scheduler"]["interval"] == "step"
+
+
+def test_validation_step_does_not_run_the_nfa(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = UFlowNFA(
+        backbone="efficientnet_lite0", pre_trained=False, pre_processor=UFlowNFA.configure_pre_processor(SIZE)
+    )
+    model.eval()
+
+    def forbidden(*args, **kwargs) -> None:
+        raise AssertionError("validation ran the NFA")
+
+    monkeypatch.setattr(model.model.anomaly_map_generator, "segment", forbidden)
+    batch = ImageBatch(image=torch.rand(2, 3, *SIZE), gt_label=torch.tensor([0, 1]))
+    with torch.no_grad():
+        output = model.validation_step(batch)
+    assert output.anomaly_map.shape[-2:] == SIZE
+    assert output.pred_mask is None
 
 
 def test_stock_cli_train_then_test(anomalib_cli, tiny_textures_args, resize_pre_processor, tmp_path: Path) -> None:
@@ -137,46 +190,88 @@ def test_stock_cli_train_then_test(anomalib_cli, tiny_textures_args, resize_pre_
     assert Image.open(images[0]).size == (5 * 256, 256)
 
 
-def test_checkpoint_reload_identical_and_onnx_export(textures_root: Path, tmp_path: Path) -> None:
+def _fit_tiny(textures_root: Path, tmp_path: Path, **kwargs) -> tuple[UFlowNFA, Engine]:
     torch.manual_seed(0)
     model = UFlowNFA(
-        backbone="efficientnet_lite0", pre_processor=UFlowNFA.configure_pre_processor(SIZE), visualizer=False
+        backbone="efficientnet_lite0",
+        pre_processor=UFlowNFA.configure_pre_processor(SIZE),
+        visualizer=False,
+        **kwargs,
     )
     datamodule = Textures(
         root=textures_root, category="gravel", num_workers=0, train_batch_size=4, eval_batch_size=4, **TINY
     )
-    engine = Engine(
-        default_root_dir=tmp_path, max_epochs=1, limit_train_batches=2, accelerator="cpu", devices=1, logger=False
-    )
+    engine = Engine(default_root_dir=tmp_path, max_epochs=1, accelerator="cpu", devices=1, logger=False)
     engine.fit(model=model, datamodule=datamodule)
+    return model, engine
+
+
+def test_calibrated_null_reload_and_deployment_parity(
+    textures_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Calibration is fitted in fit, saved and reloaded; ONNX (NFAInferencer) and torch exports give model(x)'s mask."""
+    # a threshold just below log10 N_tests: any region with PFA < 0.1 is flagged, so the masks compared are not empty
+    threshold = log10_number_of_tests((16 * 16, 8 * 8, 4 * 4)) - 1.0
+    model, engine = _fit_tiny(textures_root, tmp_path, log_nfa_threshold=threshold)
+    assert model.model.nfa_null == "calibrated"  # the CNN default
+    assert bool(model.model.null_calibrated)
+    model.eval()
+    with torch.no_grad():  # the stored null = the moments of every scale on the held-out images
+        held_out, _ = model.model.encode(torch.stack(list(model._calibration_images.values())))
+    squared = [latent.double().square().sum(dim=1) for latent in held_out]
+    scale, dof = moment_matched_null(
+        torch.stack([q.mean() for q in squared]), torch.stack([q.var(unbiased=False) for q in squared])
+    )
+    torch.testing.assert_close(model.model.null_scale, scale)
+    torch.testing.assert_close(model.model.null_dof, dof)
     checkpoint = tmp_path / "reload.ckpt"
     engine.trainer.save_checkpoint(checkpoint)
     # as for every Anomalib model, a non-default pre-processor (here the input size) is passed again on reload
     reloaded = UFlowNFA.load_from_checkpoint(checkpoint, pre_processor=UFlowNFA.configure_pre_processor(SIZE)).eval()
+    torch.testing.assert_close(reloaded.model.null_table(), model.model.null_table(), rtol=0, atol=0)
     model.eval()
     image = torch.rand(2, 3, 80, 80)
     with torch.no_grad():
         expected, actual = model(image), reloaded(image)
     for name, value in expected._asdict().items():
         assert torch.equal(value, getattr(actual, name)), name
+    assert expected.pred_mask.any()
+    assert not expected.pred_mask.all()
     assert torch.isfinite(reloaded.post_processor.pixel_threshold)  # learnt statistics travelled too
 
-    onnx_path = model.to_onnx(tmp_path / "export", input_size=SIZE)
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    probe = torch.rand(1, 3, *SIZE)
-    outputs = dict(
-        zip([o.name for o in session.get_outputs()], session.run(None, {"input": probe.numpy()}), strict=True)
-    )
+    probe = torch.rand(2, 3, *SIZE)
     with torch.no_grad():
         torch_output = model(probe)
-    np.testing.assert_allclose(outputs["anomaly_map"], torch_output.anomaly_map.numpy(), atol=1e-4)
-    np.testing.assert_allclose(outputs["pred_score"], torch_output.pred_score.numpy(), atol=1e-4)
-    assert outputs["pred_mask"].dtype == np.bool_  # thresholded map in the graph (the NFA tree stays in Python)
+    assert torch_output.pred_mask.any()
+    with caplog.at_level(logging.WARNING):
+        onnx_path = model.to_onnx(tmp_path / "export", input_size=SIZE)
+    assert "NFA mask is not part of the graph" in caplog.text  # said at export time
+    outputs = [output.name for output in onnx.load(str(onnx_path)).graph.output]
+    assert "pred_mask" not in outputs
+    assert {"pred_score", "anomaly_map", "nfa_latent_0", "nfa_latent_2", "nfa_null", "nfa_settings"} <= set(outputs)
+    deployed = NFAInferencer(onnx_path).predict(probe.numpy())
+    assert deployed.pred_mask.shape == torch_output.pred_mask.shape == (2, *SIZE)
+    assert torch.equal(deployed.pred_mask, torch_output.pred_mask)
+    assert torch.equal(deployed.pred_label, torch_output.pred_label)
+    np.testing.assert_allclose(deployed.anomaly_map, torch_output.anomaly_map.numpy(), atol=1e-4)
+    np.testing.assert_allclose(deployed.pred_score, torch_output.pred_score.numpy(), atol=1e-4)
+
+    monkeypatch.setenv("TRUST_REMOTE_CODE", "1")
+    torch_inferencer = TorchInferencer(model.to_torch(tmp_path / "export"), device="cpu")
+    assert torch.equal(torch_inferencer.predict(probe).pred_mask, torch_output.pred_mask)
 
 
-def test_ddp_smoke(anomalib_cli, tiny_textures_args, resize_pre_processor, tmp_path: Path) -> None:
+def test_no_calibration_images_warn_and_use_chi2(textures_root: Path, tmp_path: Path, caplog) -> None:
+    with caplog.at_level(logging.WARNING):
+        model, _ = _fit_tiny(textures_root, tmp_path, calibration_fraction=0.0)
+    assert "no held-out normal image" in caplog.text
+    assert not bool(model.model.null_calibrated)
+    assert model.model.nfa_null_parameters() is None
+
+
+def test_ddp_multi_step(anomalib_cli, tiny_textures_args, resize_pre_processor, tmp_path: Path) -> None:
+    """Two CPU ranks, 3 epochs of one batch each: >= 3 optimiser steps per rank (the frozen backbone must stay out of
+    DDP's reducer) and the calibration reduced over ranks."""
     anomalib_cli(
         "fit",
         "--model",
@@ -187,7 +282,7 @@ def test_ddp_smoke(anomalib_cli, tiny_textures_args, resize_pre_processor, tmp_p
         resize_pre_processor(64),
         *tiny_textures_args("gravel"),
         "--trainer.max_epochs",
-        "1",
+        "3",
         "--trainer.strategy",
         "ddp",
         "--trainer.devices",
@@ -197,4 +292,7 @@ def test_ddp_smoke(anomalib_cli, tiny_textures_args, resize_pre_processor, tmp_p
         "--default_root_dir",
         str(tmp_path),
     )
-    assert list(tmp_path.rglob("*.ckpt"))
+    (checkpoint,) = tmp_path.rglob("*.ckpt")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    assert state["global_step"] >= 3  # steps per rank
+    assert bool(state["state_dict"]["model.null_calibrated"])

@@ -29,5 +29,13 @@ class AnomalyMapGenerator(nn.Module):
     def forward(self, latents: list[torch.Tensor]) -> torch.Tensor:
         return self.likelihood(latents)
 
-    def segment(self, latents: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return a_contrario_segmentation(latents, self.input_size, self.log_nfa_threshold, self.clamp_chernoff)
+    def segment(
+        self,
+        latents: list[torch.Tensor],
+        null: list[tuple[float, float]] | None = None,
+        scales: list[int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """NFA of ``latents`` under ``null`` (``None``: ``chi2(C_l)``) over the ``scales`` tested (``None``: all)."""
+        return a_contrario_segmentation(
+            latents, self.input_size, self.log_nfa_threshold, self.clamp_chernoff, null=null, scales=scales
+        )

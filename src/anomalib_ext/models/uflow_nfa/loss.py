@@ -15,6 +15,12 @@ class UFlowNFALoss(nn.Module):
     """
 
     @staticmethod
-    def forward(latents: list[torch.Tensor], log_jacobian: torch.Tensor) -> torch.Tensor:
+    def forward(
+        latents: list[torch.Tensor], log_jacobian: torch.Tensor, weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mean NLL over images; with ``weights`` (0/1 per image), the mean over the images of weight 1 (0 if none)."""
         half_squared_norm = sum(0.5 * latent.square().flatten(1).sum(dim=1) for latent in latents)
-        return torch.mean(half_squared_norm - log_jacobian)
+        nll = half_squared_norm - log_jacobian
+        if weights is None:
+            return torch.mean(nll)
+        return (nll * weights).sum() / weights.sum().clamp(min=1)

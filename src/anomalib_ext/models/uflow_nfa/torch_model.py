@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from anomalib_ext.components.backbones import build_timm_model, create_feature_extractor
+from anomalib_ext.components.nfa import select_scales
 
 from .anomaly_map import AnomalyMapGenerator
 
@@ -60,6 +61,10 @@ class MSCaiTFeatureExtractor(nn.Module):
             build_timm_model(name, pre_trained=pre_trained, backbone_weights=weight)
             for name, weight in zip(models, weights, strict=True)
         )
+        for name, extractor, blocks in zip(models, self.extractors, num_blocks, strict=True):
+            if len(extractor.blocks) < blocks:
+                msg = f"MS-CaiT uses blocks 0..{blocks - 1} of {name}, but this model has only {len(extractor.blocks)}."
+                raise ValueError(msg)
         self.num_blocks = num_blocks
         self.input_sizes = [extractor.patch_embed.img_size for extractor in self.extractors]
         self.channels = [extractor.embed_dim for extractor in self.extractors]
@@ -104,7 +109,10 @@ def default_cnn_layers(backbone: str) -> list[str]:
 
 
 class CNNFeatureExtractor(nn.Module):
-    """Frozen timm CNN taps (via the project's offline-first backbone component) + trainable ``LayerNorm([C, H, W])``."""
+    """Frozen timm CNN taps (via the project's offline-first backbone component) + trainable ``LayerNorm([C, H, W])``.
+
+    The CNN's parameters have ``requires_grad=False`` (they never reach the optimiser or DDP's gradient reducer).
+    """
 
     def __init__(
         self,
@@ -119,6 +127,7 @@ class CNNFeatureExtractor(nn.Module):
             msg = f"U-Flow needs at least 2 feature scales, got layers={list(layers)}."
             raise ValueError(msg)
         self.extractor = create_feature_extractor(backbone, layers, pre_trained, backbone_weights)
+        self.extractor.requires_grad_(False)
         self.layers = list(layers)
         info = self.extractor.feature_extractor.feature_info
         self.channels = list(info.channels())
@@ -193,6 +202,9 @@ def build_u_flow(
     return ff.GraphINN(inputs + nodes + outputs[::-1])
 
 
+NFA_NULLS = ("chi2", "calibrated")
+
+
 class UFlowNFAModel(nn.Module):
     """U-Flow feature extractor + U-shaped flow + likelihood map + NFA segmentation.
 
@@ -200,7 +212,12 @@ class UFlowNFAModel(nn.Module):
     ``InferenceBatch(pred_score, pred_label, anomaly_map, pred_mask)`` with the likelihood map of eq. 2, its max,
     the NFA mask (``log10 NFA < log_nfa_threshold``) and ``pred_label = mask has a pixel``. While exporting
     (``torch.compiler.is_exporting()``) the NFA step, which runs in numpy/scikit-image, is left out and
-    ``pred_mask`` / ``pred_label`` are ``None`` (the post-processor then thresholds the map).
+    ``pred_mask`` / ``pred_label`` are ``None``.
+
+    The NFA null per latent scale, ``||z_l||^2 ~ s_l chi2(nu_l)``, is held in the buffers ``null_scale`` /
+    ``null_dof`` (saved in checkpoints): ``nfa_null="chi2"`` uses ``s = 1, nu = C_l`` (the paper);
+    ``nfa_null="calibrated"`` uses the values set by :meth:`set_calibration` once ``null_calibrated`` is true, and the
+    ``chi2`` null before that. ``nfa_scales`` (indices, finest scale first) selects the scales tested.
     """
 
     def __init__(
@@ -216,8 +233,14 @@ class UFlowNFAModel(nn.Module):
         permute_soft: bool = False,
         log_nfa_threshold: float = 0.0,
         clamp_chernoff: bool = True,
+        nfa_null: str = "chi2",
+        nfa_scales: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
+        if nfa_null not in NFA_NULLS:
+            msg = f"nfa_null must be one of {NFA_NULLS}, got {nfa_null!r}."
+            raise ValueError(msg)
+        self.nfa_null = nfa_null
         self.input_size = tuple(int(s) for s in input_size)
         self.feature_extractor: MSCaiTFeatureExtractor | CNNFeatureExtractor
         if backbone == MCAIT:
@@ -239,7 +262,37 @@ class UFlowNFAModel(nn.Module):
         channels = self.feature_extractor.channels
         sizes = [(self.input_size[0] // s, self.input_size[1] // s) for s in self.feature_extractor.scale_factors]
         self.flow = build_u_flow(channels, sizes, flow_steps, affine_clamp, affine_subnet_channels_ratio, permute_soft)
+        self.latent_shapes = [tuple(int(d) for d in shape) for shape in self.flow.global_out_shapes]
+        count = len(self.latent_shapes)
+        self.nfa_scales = select_scales(count, nfa_scales)
+        latent_channels = torch.tensor([shape[0] for shape in self.latent_shapes], dtype=torch.float64)
+        self.register_buffer("null_scale", torch.ones(count, dtype=torch.float64))
+        self.register_buffer("null_dof", latent_channels)
+        self.register_buffer("null_calibrated", torch.tensor(False))
         self.anomaly_map_generator = AnomalyMapGenerator(self.input_size, log_nfa_threshold, clamp_chernoff)
+
+    def set_calibration(self, scale: torch.Tensor, dof: torch.Tensor) -> None:
+        """Store a calibrated null ``s_l chi2(nu_l)`` per latent scale (used when ``nfa_null="calibrated"``)."""
+        self.null_scale.copy_(scale)
+        self.null_dof.copy_(dof)
+        self.null_calibrated.fill_(True)
+
+    def uses_calibrated_null(self) -> bool:
+        return self.nfa_null == "calibrated" and bool(self.null_calibrated)
+
+    def null_table(self) -> torch.Tensor:
+        """The null in use, ``[L, 2]`` float64 rows ``(s_l, nu_l)`` (``(1, C_l)`` for the ``chi2`` null; traceable)."""
+        channels = self.null_dof.new_tensor([shape[0] for shape in self.latent_shapes])
+        chi2 = torch.stack([torch.ones_like(channels), channels], dim=-1)
+        if self.nfa_null != "calibrated":
+            return chi2
+        return torch.where(self.null_calibrated, torch.stack([self.null_scale, self.null_dof], dim=-1), chi2)
+
+    def nfa_null_parameters(self) -> list[tuple[float, float]] | None:
+        """``(s_l, nu_l)`` per scale for the NFA, or ``None`` for the paper's ``chi2(C_l)``."""
+        if not self.uses_calibrated_null():
+            return None
+        return [tuple(row) for row in self.null_table().tolist()]
 
     def encode(self, image: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Latents per scale (finest first) and the log-determinant of the flow's Jacobian per image."""
@@ -255,13 +308,13 @@ class UFlowNFAModel(nn.Module):
             return latents, log_jacobian
         return self.predict(latents)[0]
 
-    def predict(self, latents: list[torch.Tensor]) -> tuple[InferenceBatch, torch.Tensor | None]:
-        """Eval outputs from latents, plus the ``log10 NFA`` map ``[B, H, W]`` (``None`` while exporting)."""
+    def predict(self, latents: list[torch.Tensor], with_nfa: bool = True) -> tuple[InferenceBatch, torch.Tensor | None]:
+        """Eval outputs from latents, plus the ``log10 NFA`` map ``[B, H, W]`` (``None`` while exporting or without NFA)."""
         anomaly_map = self.anomaly_map_generator(latents)
         pred_score = torch.amax(anomaly_map, dim=(-2, -1)).flatten()
-        if torch.compiler.is_exporting():
+        if not with_nfa or torch.compiler.is_exporting():
             return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map), None
-        log_nfa, pred_mask = self.anomaly_map_generator.segment(latents)
+        log_nfa, pred_mask = self.anomaly_map_generator.segment(latents, self.nfa_null_parameters(), self.nfa_scales)
         pred_label = pred_mask.flatten(1).any(dim=1)
         return InferenceBatch(
             pred_score=pred_score, pred_label=pred_label, anomaly_map=anomaly_map, pred_mask=pred_mask
