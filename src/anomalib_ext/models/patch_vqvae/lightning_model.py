@@ -37,6 +37,7 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
 from torchvision.transforms.v2 import Resize
 
 from .anomaly_map import gather_patches
@@ -162,6 +163,17 @@ class _PatchAutoencoderTraining:
     def on_train_epoch_start(self) -> None:
         self._svm_latents = []
         self._pool_images = []
+
+    def on_train_epoch_end(self) -> None:
+        """Under DDP, average BatchNorm running statistics over the ranks after each auto-encoder epoch.
+
+        Each rank updates them from its own patches; the later stages and the saved checkpoint need one encoder.
+        """
+        if self.trainer.world_size > 1 and self.stage == "autoencoder":
+            for module in self.model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:  # noqa: SLF001
+                    for statistic in (module.running_mean, module.running_var):
+                        statistic.copy_(self.trainer.strategy.reduce(statistic.clone(), reduce_op="mean"))
 
     def training_step(self, batch: Batch, batch_idx: int, *args, **kwargs) -> STEP_OUTPUT:
         del args, kwargs
@@ -331,7 +343,7 @@ class PatchAE(_PatchAutoencoderTraining, AnomalibModule):
         ae_epochs: int = 10,
         svm_nu: float = 0.03,
         svm_patches_per_image: int = 20,
-        chunk_elements: int = 1 << 24,
+        chunk_elements: int = 1 << 22,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -421,7 +433,7 @@ class PatchVQVAE(_PatchAutoencoderTraining, AnomalibModule):
         restoration_seed: int = 0,
         restoration_chunk_size: int = 128,
         ssim_data_range: float = 1.0,
-        chunk_elements: int = 1 << 24,
+        chunk_elements: int = 1 << 22,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,

@@ -168,13 +168,17 @@ class VectorQuantizer(nn.Module):
     def num_codes(self) -> int:
         return self.codebook.shape[0]
 
-    def indices(self, latents: torch.Tensor, chunk_size: int = 65536) -> torch.Tensor:
-        """``[B, C, H, W] -> [B, H, W]`` nearest code indices (chunked over positions)."""
+    def indices(self, latents: torch.Tensor, max_elements: int = 1 << 22) -> torch.Tensor:
+        """``[B, C, H, W] -> [B, H, W]`` nearest code indices, ``argmin_l ||e_l||^2 - 2 <z, e_l>``.
+
+        Positions are taken in chunks whose ``[chunk, K]`` distance matrix holds at most ``max_elements`` values.
+        """
         flat = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
         codebook_norm = self.codebook.pow(2).sum(1)
         # An exported graph takes all positions at once (a shape-dependent number of chunks cannot be traced).
+        chunk_size = max(1, max_elements // self.num_codes)
         chunks = [flat] if torch.compiler.is_compiling() else flat.split(chunk_size)
-        result = torch.cat([(codebook_norm - 2 * chunk @ self.codebook.T).argmin(1) for chunk in chunks])
+        result = torch.cat([torch.addmm(codebook_norm, chunk, self.codebook.T, alpha=-2).argmin(1) for chunk in chunks])
         return result.reshape(latents.shape[0], *latents.shape[2:])
 
     def embed(self, indices: torch.Tensor) -> torch.Tensor:
@@ -404,7 +408,7 @@ class PatchAutoencoderModel(nn.Module):
         restoration_seed: int = 0,
         restoration_chunk_size: int = 128,
         ssim_data_range: float = 1.0,
-        chunk_elements: int = 1 << 24,
+        chunk_elements: int = 1 << 22,
     ) -> None:
         super().__init__()
         if scorer not in SCORERS:
