@@ -36,7 +36,7 @@ from sklearn.metrics import roc_auc_score
 
 from anomalib_ext.data import Textures
 from anomalib_ext.models import PatchAE, PatchVQVAE
-from anomalib_ext.models.patch_vqvae.anomaly_map import grid_positions, patch_ssim, reflect_pad_for_patches
+from anomalib_ext.models.patch_vqvae.anomaly_map import grid_positions, reflect_pad_for_patches
 from anomalib_ext.models.patch_vqvae.torch_model import OneClassSVMHead
 
 ROWS = {  # paper row -> (model, scorer)
@@ -75,10 +75,12 @@ def fit_quantised_svm(model: PatchVQVAE, datamodule: Textures, patches_per_image
     """What the staged fit's ``ocsvm`` epoch does, on the already trained VQ-VAE."""
     model.model.eval()
     with torch.no_grad():
-        latents = torch.cat([
-            model.model.patch_latents(model.model.random_patches(batch.image, patches_per_image))
-            for batch in datamodule.train_dataloader()
-        ])
+        latents = torch.cat(
+            [
+                model.model.patch_latents(model.model.random_patches(batch.image, patches_per_image))
+                for batch in datamodule.train_dataloader()
+            ]
+        )
     model.model.ocsvm = OneClassSVMHead(tuple(latents.shape[1:]))
     model.model.ocsvm.fit(latents, nu=model.svm_nu)
 
@@ -86,8 +88,8 @@ def fit_quantised_svm(model: PatchVQVAE, datamodule: Textures, patches_per_image
 def brute_force(model, image: torch.Tensor, scorer: str) -> torch.Tensor:  # noqa: ANN001
     """One encoder/decoder (or prior) pass per patch, no dense shortcut: ``[1, 1, H, W]`` (restoration: the grid).
 
-    Restoration draws random codes: its patches go through the prior in the dense scorer's order and chunks, so that
-    both consume the seeded generator identically and the values can be compared exactly.
+    Restoration draws random codes: the draws of a patch depend only on the seed and its centre, so the per-patch loop
+    sees the same random numbers as the dense scorer and the values can be compared exactly.
     """
     size = model.patch_size
     height, width = image.shape[-2:]
@@ -96,14 +98,12 @@ def brute_force(model, image: torch.Tensor, scorer: str) -> torch.Tensor:  # noq
     rows = grid_positions(height, stride) if scorer == "restoration" else torch.arange(height)
     cols = grid_positions(width, stride) if scorer == "restoration" else torch.arange(width)
     if scorer == "restoration":
-        patches = torch.stack([
-            padded[0, :, row : row + size, col : col + size] for row in rows.tolist() for col in cols.tolist()
-        ])
-        generator = torch.Generator().manual_seed(model.restoration_seed)
         scores = [
-            1 - patch_ssim(chunk, model.decode_codes(model.restore_codes(model.patch_codes(chunk), generator)),
-                           model.ssim_data_range)
-            for chunk in patches.split(model.chunk_size)
+            model.restoration_scores(
+                padded[:, :, row : row + size, col : col + size], torch.tensor([row * width + col])
+            )
+            for row in rows.tolist()
+            for col in cols.tolist()
         ]
         return torch.cat(scores).reshape(1, 1, rows.numel(), cols.numel())
     scores = []
@@ -142,21 +142,43 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         datamodule = Textures(
-            root=work / "Textures", category=args.category, tile_size=args.image_size, num_train=args.num_train,
-            num_test_normal=args.num_test_normal, num_test_defect=args.num_test_defect, train_batch_size=8,
-            eval_batch_size=6, num_workers=0, seed=args.seed,
+            root=work / "Textures",
+            category=args.category,
+            tile_size=args.image_size,
+            num_train=args.num_train,
+            num_test_normal=args.num_test_normal,
+            num_test_defect=args.num_test_defect,
+            train_batch_size=8,
+            eval_batch_size=6,
+            num_workers=0,
+            seed=args.seed,
         )
         datamodule.prepare_data()
         datamodule.setup()
-        training = {"patches_per_image": args.patches_per_image, "ae_epochs": args.ae_epochs, "visualizer": False,
-                    "svm_patches_per_image": args.svm_patches_per_image}
-        prior = {"prior_epochs": args.prior_epochs, "prior_dim": 64, "prior_layers": 2, "prior_heads": 4,
-                 "prior_feedforward": 128, "restoration_mode": "single_pass", "restoration_stride": 8}
-        models = {"ae": PatchAE(scorer="ocsvm", **training), "vq": PatchVQVAE(scorer="restoration", **training, **prior)}
+        training = {
+            "patches_per_image": args.patches_per_image,
+            "ae_epochs": args.ae_epochs,
+            "visualizer": False,
+            "svm_patches_per_image": args.svm_patches_per_image,
+        }
+        prior = {
+            "prior_epochs": args.prior_epochs,
+            "prior_dim": 64,
+            "prior_layers": 2,
+            "prior_heads": 4,
+            "prior_feedforward": 128,
+            "restoration_mode": "single_pass",
+            "restoration_stride": 8,
+        }
+        models = {
+            "ae": PatchAE(scorer="ocsvm", **training),
+            "vq": PatchVQVAE(scorer="restoration", **training, **prior),
+        }
         fit_seconds = {}
         for name, model in models.items():
-            engine = Engine(default_root_dir=work / name, accelerator="cpu", devices=1, logger=False,
-                            limit_val_batches=0)
+            engine = Engine(
+                default_root_dir=work / name, accelerator="cpu", devices=1, logger=False, limit_val_batches=0
+            )
             start = time.perf_counter()
             engine.fit(model=model, datamodule=datamodule)
             fit_seconds[name] = time.perf_counter() - start
@@ -166,22 +188,37 @@ def main() -> None:
         for model in models.values():
             model.eval()
         for row, (name, scorer) in ROWS.items():
-            maps, masks, labels, seconds = test_maps(lambda x, m=models[name], s=scorer: m.model.anomaly_map(x, s),
-                                                     datamodule)
+            maps, masks, labels, seconds = test_maps(
+                lambda x, m=models[name], s=scorer: m.model.anomaly_map(x, s), datamodule
+            )
             results["quality"][row] = {**pixel_metrics(maps, masks, labels), "test_s_per_image": round(seconds, 2)}
             print(row, results["quality"][row], flush=True)  # noqa: T201
         results["fit_s"] = {name: round(value, 1) for name, value in fit_seconds.items()}
 
-        padim = Padim(backbone="efficientnet_lite0.anomalib_ext", layers=["blocks.1", "blocks.2"], n_features=48,
-                      pre_processor=Padim.configure_pre_processor((args.image_size, args.image_size)), visualizer=False)
-        engine = Engine(default_root_dir=work / "padim", accelerator="cpu", devices=1, logger=False, max_epochs=1,
-                        limit_val_batches=0)
+        padim = Padim(
+            backbone="efficientnet_lite0.anomalib_ext",
+            layers=["blocks.1", "blocks.2"],
+            n_features=48,
+            pre_processor=Padim.configure_pre_processor((args.image_size, args.image_size)),
+            visualizer=False,
+        )
+        engine = Engine(
+            default_root_dir=work / "padim",
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            max_epochs=1,
+            limit_val_batches=0,
+        )
         engine.fit(model=padim, datamodule=datamodule)
         padim.eval()
-        maps, masks, labels, seconds = test_maps(lambda x: padim.model(padim.pre_processor.transform(x)).anomaly_map,
-                                                 datamodule)
-        results["quality"]["PaDiM (EfficientNet-Lite0)"] = {**pixel_metrics(maps, masks, labels),
-                                                            "test_s_per_image": round(seconds, 2)}
+        maps, masks, labels, seconds = test_maps(
+            lambda x: padim.model(padim.pre_processor.transform(x)).anomaly_map, datamodule
+        )
+        results["quality"]["PaDiM (EfficientNet-Lite0)"] = {
+            **pixel_metrics(maps, masks, labels),
+            "test_s_per_image": round(seconds, 2),
+        }
         print("PaDiM", results["quality"]["PaDiM (EfficientNet-Lite0)"], flush=True)  # noqa: T201
 
         image = torch.rand(1, 3, args.speed_size, args.speed_size, generator=torch.Generator().manual_seed(1))
@@ -208,7 +245,9 @@ def main() -> None:
             test_batch = next(iter(datamodule.test_dataloader())).image
             codes = vq.patch_codes(vq.random_patches(test_batch, 50))
             probabilities = vq.prior(codes).softmax(-1).gather(-1, codes[..., None])[..., 0]
-            results["improbable_code_fraction_test"] = round(float((probabilities < vq.restoration_threshold).float().mean()), 3)
+            results["improbable_code_fraction_test"] = round(
+                float((probabilities < vq.restoration_threshold).float().mean()), 3
+            )
             start = time.perf_counter()
             padim.model(padim.pre_processor.transform(image))
             results["speed_s_per_image"]["PaDiM (resized to the model input)"] = round(time.perf_counter() - start, 2)

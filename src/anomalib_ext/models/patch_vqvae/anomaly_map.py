@@ -1,4 +1,4 @@
-"""Dense anomaly maps of the patch auto-encoders without one forward pass per pixel.
+"""Pure tensor functions behind the dense anomaly maps of the patch auto-encoders (no model state).
 
 The score of a pixel is the score of the patch centred on it (paper section 2.2). With the image reflect-padded by
 ``P // 2`` on every side, the patch centred on image pixel ``(y, x)`` has its top-left corner at padded ``(y, x)``, and
@@ -7,62 +7,92 @@ The score of a pixel is the score of the patch centred on it (paper section 2.2)
 * Reconstruction: the decoded centre pixel depends only on a small block of the patch's latent (5 x 5 for the paper's
   layers), so decoding the whole stride-``S`` latent map of each of the ``S^2`` offsets gives every patch's exact centre
   pixel at once (transposed convolutions are translation-equivariant with step ``S``).
-* One-class SVM: ``||z - s||^2 = ||z||^2 + ||s||^2 - 2 <z, s>`` where ``<z, s>`` for all patches is a convolution of the
-  dense latent map with the support vector as a kernel dilated by ``S`` (chunked over support vectors).
-* Restoration: per patch (the prior is causal with absolute positions), evaluated on a stride-``s`` grid of centres,
-  batched in chunks, and linearly interpolated back to full resolution.
+* One-class SVM: see :meth:`OneClassSVMHead.decision` (dilated convolutions with the support vectors as kernels).
+* Restoration: per patch on a stride-``s`` grid of centres (:meth:`PatchAutoencoderModel.restoration_map`); the
+  helpers here gather the patches of one chunk, draw its random numbers and interpolate the grid back.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-if TYPE_CHECKING:
-    from torch import nn
-
-    from .torch_model import OneClassSVMHead, PatchAutoencoderModel
-
 __all__ = [
     "centre_pixel_reconstruction",
-    "dense_restoration_map",
+    "gather_patches",
     "grid_positions",
+    "interpolate_grid",
     "linear_interpolation_matrix",
-    "ocsvm_decision_map",
     "patch_reconstruction_map",
     "patch_ssim",
+    "reflect_indices",
     "reflect_pad_for_patches",
+    "sample_inverse_cdf",
+    "uniform_draws",
 ]
+
+_MASK32 = 0xFFFFFFFF
+_HASH_MULTIPLIER = 0x45D9F3B  # < 2**31: products of 32-bit values stay inside int64
+
+
+def reflect_indices(size: int | torch.SymInt, half: int, device: torch.device | None = None) -> torch.Tensor:
+    """Indices ``-half .. size - 1 + half`` mirrored into ``[0, size)`` (reflection without repeating the edge).
+
+    Repeated mirroring, so any ``size >= 1`` works (``F.pad(mode="reflect")`` needs ``half < size``); equal to it
+    whenever that holds. Pure tensor arithmetic, so an exported graph keeps the size dynamic.
+    """
+    positions = torch.arange(-half, size + half, device=device)
+    period = (torch.ones((), dtype=torch.long, device=device) * (2 * (size - 1))).clamp_min(1)
+    return (size - 1) - (torch.remainder(positions, period) - (size - 1)).abs()
 
 
 def reflect_pad_for_patches(images: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Reflect-pad by ``patch_size // 2`` so that every image pixel is the centre of one full patch."""
+    """Reflect-pad by ``patch_size // 2`` so that every image pixel is the centre of one full patch (any image size)."""
     half = patch_size // 2
-    return F.pad(images, (half, half, half, half), mode="reflect")
+    rows = reflect_indices(images.shape[-2], half, images.device)
+    cols = reflect_indices(images.shape[-1], half, images.device)
+    return images.index_select(-2, rows).index_select(-1, cols)
 
 
 def centre_pixel_reconstruction(
-    decoder: nn.Module, dense_latents: torch.Tensor, patch_size: int, stride: int, image_size: tuple[int, int]
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    dense_latents: torch.Tensor,
+    patch_size: int,
+    latent_size: int,
+    stride: int,
+    image_size: tuple[int, int],
 ) -> torch.Tensor:
-    """Decoded centre pixels ``[B, 3, H, W]`` of all patches from the dense latent map (exact, see module docstring)."""
+    """Decoded centre pixels ``[B, 3, H, W]`` of all patches from the dense latent map (exact, see module docstring).
+
+    Every offset ``(a, b)`` decodes the same number of patches, ``(ceil(H / S) + 1) x (ceil(W / S) + 1)`` (the latent
+    map is zero-padded at the end: those latents reach only centres beyond the image, which are cropped), so the ``S^2``
+    results interleave by a reshape. Positions are picked with index tensors rather than shape-dependent slices, so
+    an exported graph keeps height and width dynamic.
+    """
     height, width = image_size
-    latent_size = (dense_latents.shape[-1] - width) // stride + 1
-    centre = patch_size // 2
-    result = dense_latents.new_empty(dense_latents.shape[0], 3, height, width)
-    for row_offset in range(min(stride, height)):
-        rows = -(-(height - row_offset) // stride)
-        for col_offset in range(min(stride, width)):
-            cols = -(-(width - col_offset) // stride)
-            latents = dense_latents[
-                ..., row_offset::stride, col_offset::stride
-            ][..., : rows + latent_size - 1, : cols + latent_size - 1]
-            decoded = decoder(latents)
-            result[..., row_offset::stride, col_offset::stride] = decoded[
-                ..., centre::stride, centre::stride
-            ][..., :rows, :cols]
-    return result
+    # One spare row/column of centres keeps these sizes >= 2 (torch.export specialises sizes 0 and 1).
+    rows, cols = (height + stride - 1) // stride + 1, (width + stride - 1) // stride + 1
+    dense_latents = F.pad(dense_latents, (0, 2 * stride - 1, 0, 2 * stride - 1))
+    device = dense_latents.device
+    window_rows = torch.arange(rows + latent_size - 1, device=device) * stride
+    window_cols = torch.arange(cols + latent_size - 1, device=device) * stride
+    centre_rows = torch.arange(rows, device=device) * stride + patch_size // 2
+    centre_cols = torch.arange(cols, device=device) * stride + patch_size // 2
+    offsets = []
+    for row_offset in range(stride):
+        for col_offset in range(stride):
+            latents = dense_latents.index_select(-2, window_rows + row_offset).index_select(
+                -1, window_cols + col_offset
+            )
+            offsets.append(decode(latents).index_select(-2, centre_rows).index_select(-1, centre_cols))
+    batch, channels = offsets[0].shape[:2]
+    interleaved = torch.stack(offsets, 2).reshape(batch, channels, stride, stride, rows, cols)
+    interleaved = interleaved.permute(0, 1, 4, 2, 5, 3).reshape(batch, channels, rows * stride, cols * stride)
+    return interleaved.index_select(-2, torch.arange(height, device=device)).index_select(
+        -1, torch.arange(width, device=device)
+    )
 
 
 def patch_reconstruction_map(images: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
@@ -70,38 +100,34 @@ def patch_reconstruction_map(images: torch.Tensor, reconstruction: torch.Tensor)
     return (images - reconstruction).pow(2).sum(1, keepdim=True)
 
 
-def ocsvm_decision_map(
-    dense_latents: torch.Tensor, svm: OneClassSVMHead, stride: int, chunk_size: int
-) -> torch.Tensor:
-    """One-class SVM decision value ``f(z)`` of every patch latent, ``[B, 1, H, W]`` (chunked over support vectors)."""
-    support_vectors = svm.support_vectors
-    window = torch.ones(1, *support_vectors.shape[1:], dtype=dense_latents.dtype, device=dense_latents.device)
-    latent_norms = F.conv2d(dense_latents.pow(2), window, dilation=stride)
-    # The kernel sum nearly cancels the intercept: accumulate in float64 (as libsvm does).
-    decision = latent_norms.double() * 0 + svm.intercept.double()
-    for vectors, coefs in zip(support_vectors.split(chunk_size), svm.dual_coef.split(chunk_size), strict=True):
-        products = F.conv2d(dense_latents, vectors, dilation=stride)
-        squared = (latent_norms + vectors.pow(2).sum((1, 2, 3))[:, None, None] - 2 * products).clamp_min(0)
-        kernel = torch.exp(-svm.gamma * squared).double()
-        decision = decision + torch.einsum("bkhw,k->bhw", kernel, coefs.double())[:, None]
-    return decision.to(dense_latents.dtype)
-
-
 def patch_ssim(first: torch.Tensor, second: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """SSIM (Wang et al. 2004) of each patch pair with a uniform window as large as the patch: ``[N]``.
+    """SSIM (Wang et al. 2004) of each patch pair with a uniform window as large as the patch: ``[N]``, float32.
 
-    The paper uses a 63 x 63 window on 63 x 63 patches, i.e. one window per patch; channels are averaged.
+    The paper uses a 63 x 63 window on 63 x 63 patches, i.e. one window per patch; channels are averaged. Computed in
+    float32 even under autocast (the constants ``c1 = 1e-4`` vanish in half precision).
     """
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mean_first, mean_second = first.mean((-2, -1)), second.mean((-2, -1))
-    centred_first = first - mean_first[..., None, None]
-    centred_second = second - mean_second[..., None, None]
-    var_first, var_second = centred_first.pow(2).mean((-2, -1)), centred_second.pow(2).mean((-2, -1))
-    covariance = (centred_first * centred_second).mean((-2, -1))
-    ssim = ((2 * mean_first * mean_second + c1) * (2 * covariance + c2)) / (
-        (mean_first.pow(2) + mean_second.pow(2) + c1) * (var_first + var_second + c2)
-    )
-    return ssim.mean(1)
+    with torch.autocast(first.device.type, enabled=False):
+        first, second = first.float(), second.float()
+        c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+        mean_first, mean_second = first.mean((-2, -1)), second.mean((-2, -1))
+        centred_first = first - mean_first[..., None, None]
+        centred_second = second - mean_second[..., None, None]
+        var_first, var_second = centred_first.pow(2).mean((-2, -1)), centred_second.pow(2).mean((-2, -1))
+        covariance = (centred_first * centred_second).mean((-2, -1))
+        ssim = ((2 * mean_first * mean_second + c1) * (2 * covariance + c2)) / (
+            (mean_first.pow(2) + mean_second.pow(2) + c1) * (var_first + var_second + c2)
+        )
+        return ssim.mean(1)
+
+
+def gather_patches(
+    padded: torch.Tensor, image: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int
+) -> torch.Tensor:
+    """``[n, C, size, size]`` windows of ``padded[image]`` with top-left corners ``(top, left)`` (one chunk only)."""
+    offsets = torch.arange(size, device=padded.device)
+    rows = (top[:, None] + offsets)[:, :, None]  # [n, P, 1]
+    cols = (left[:, None] + offsets)[:, None, :]  # [n, 1, P]
+    return padded.permute(0, 2, 3, 1)[image[:, None, None], rows, cols].permute(0, 3, 1, 2)
 
 
 def grid_positions(size: int, stride: int, device: torch.device | None = None) -> torch.Tensor:
@@ -126,25 +152,35 @@ def linear_interpolation_matrix(positions: torch.Tensor, size: int) -> torch.Ten
     return weights
 
 
-def dense_restoration_map(
-    model: PatchAutoencoderModel, images: torch.Tensor, padded: torch.Tensor, generator: torch.Generator | None
-) -> torch.Tensor:
-    """``1 - SSIM(x, D(z~_q))`` on a stride-``s`` grid of patch centres, interpolated to ``[B, 1, H, W]``."""
-    batch, _, height, width = images.shape
-    stride, size, latent = model.encoder.total_stride, model.patch_size, model.latent_size
-    rows = grid_positions(height, model.restoration_stride, images.device)
-    cols = grid_positions(width, model.restoration_stride, images.device)
-    offsets = torch.arange(latent, device=images.device) * stride
-    indices = model.quantizer.indices(model.encoder.dense(padded))
-    codes = indices[:, (rows[:, None] + offsets)[:, None, :, None], (cols[:, None] + offsets)[None, :, None, :]]
-    codes = codes.reshape(-1, latent * latent)  # [B * ny * nx, m * m], raster order per patch
-    patches = padded.unfold(2, size, 1).unfold(3, size, 1)[:, :, rows][:, :, :, cols]  # [B, 3, ny, nx, P, P]
-    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3, size, size)
-    scores = torch.cat([
-        1 - patch_ssim(patch_chunk, model.decode_codes(model.restore_codes(code_chunk, generator)), model.ssim_data_range)
-        for patch_chunk, code_chunk in zip(patches.split(model.chunk_size), codes.split(model.chunk_size), strict=True)
-    ])
-    grid = scores.reshape(batch, rows.numel(), cols.numel())
-    row_weights = linear_interpolation_matrix(rows, height)
-    col_weights = linear_interpolation_matrix(cols, width)
-    return (row_weights @ grid @ col_weights.T)[:, None]
+def interpolate_grid(grid: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``[B, ny, nx]`` values at ``rows x cols`` -> ``[B, 1, H, W]`` (separable piecewise-linear interpolation)."""
+    row_weights = linear_interpolation_matrix(rows, size[0])
+    col_weights = linear_interpolation_matrix(cols, size[1])
+    return (row_weights @ grid.float() @ col_weights.T)[:, None]
+
+
+def _mix32(values: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser (xor-shift-multiply) on int64 tensors holding values in ``[0, 2**32)``."""
+    values = values & _MASK32
+    for _ in range(2):
+        values = ((values ^ (values >> 16)) * _HASH_MULTIPLIER) & _MASK32
+    return values ^ (values >> 16)
+
+
+def uniform_draws(seed: int, keys: torch.Tensor, length: int) -> torch.Tensor:
+    """Counter-based uniforms in ``(0, 1)``: ``[n, length]`` from a hash of ``(seed, key, position)``.
+
+    The number used for position ``j`` of the patch with key ``k`` depends on nothing else: not on the batch, the
+    chunking, the device or the order in which patches are processed.
+    """
+    base = _mix32(_mix32(torch.full_like(keys, seed, dtype=torch.long)) + keys.long())
+    positions = torch.arange(length, device=keys.device)
+    bits = _mix32(base[:, None] + positions) >> 8  # 24 random bits
+    return (bits.float() + 0.5) / float(1 << 24)
+
+
+def sample_inverse_cdf(probabilities: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Draw one index per row of ``[n, K]`` ``probabilities`` with the given ``[n]`` uniforms (inverse CDF)."""
+    cdf = probabilities.float().cumsum(-1)
+    draws = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None].contiguous(), right=True)[:, 0]
+    return draws.clamp_max(probabilities.shape[-1] - 1)

@@ -7,11 +7,14 @@ training images.
 One Anomalib ``fit`` runs the stages the chosen scorer needs, one after the other (epochs counted by the model, which
 therefore sets ``max_epochs``):
 
-1. ``autoencoder`` (``ae_epochs``, paper: 10): Adam on random training patches (``patches_per_image``, paper: 1000),
-   mini-batches of ``patch_batch_size`` (paper: 100) patches.
+1. ``autoencoder`` (``ae_epochs``, paper: 10): Adam on random training patches (``patches_per_image`` per image,
+   paper: 1000), mini-batches of ``patch_batch_size`` (paper: 100) patches. ``patch_sampling="batch"``: each image
+   batch's patches are shuffled and split into mini-batches at once (a mini-batch mixes only ``train_batch_size``
+   images). ``"pool"`` (the paper's protocol): the epoch's patch positions of *all* training images are pooled and
+   shuffled, and the mini-batches run at the end of the epoch (the epoch's images are kept in CPU memory).
 2. ``ocsvm`` (1 epoch, scorer ``"ocsvm"``): latents of ``svm_patches_per_image`` random patches per image are collected
-   (gathered across DDP ranks) and a one-class SVM (nu = 0.03, gamma = 1/(var * dim)) is fitted on the last batch; its
-   solution lives in buffers, so checkpoints hold it.
+   (gathered across DDP ranks) and a one-class SVM (nu = 0.03, gamma = 1/(var * dim), scikit-learn's value) is fitted
+   on the last batch; its solution lives in buffers, so checkpoints hold it.
 3. ``prior`` (``prior_epochs``, scorer ``"restoration"``): the autoregressive Transformer prior learns the code
    sequences of random training patches (encoder frozen).
 """
@@ -19,7 +22,7 @@ therefore sets ``max_epochs``):
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +37,10 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
 from torchvision.transforms.v2 import Resize
 
+from .anomaly_map import gather_patches
 from .loss import CodePriorLoss, PatchAutoencoderLoss
 from .torch_model import (
     PAPER_CHANNELS,
@@ -71,7 +76,11 @@ class _PatchAutoencoderTraining:
         prior_epochs: int,
         prior_learning_rate: float,
         prior_batch_size: int,
+        patch_sampling: str,
     ) -> None:
+        if patch_sampling not in {"batch", "pool"}:
+            msg = f"patch_sampling must be 'batch' or 'pool', got {patch_sampling!r}."
+            raise ValueError(msg)
         if min(patches_per_image, patch_batch_size, ae_epochs, svm_patches_per_image, prior_batch_size) < 1:
             msg = "patches_per_image, patch_batch_size, ae_epochs, svm_patches_per_image and prior_batch_size must be >= 1."
             raise ValueError(msg)
@@ -84,6 +93,7 @@ class _PatchAutoencoderTraining:
         self.automatic_optimization = False
         self.patches_per_image = patches_per_image
         self.patch_batch_size = patch_batch_size
+        self.patch_sampling = patch_sampling
         self.learning_rate = learning_rate
         self.svm_nu = svm_nu
         self.svm_patches_per_image = svm_patches_per_image
@@ -97,6 +107,7 @@ class _PatchAutoencoderTraining:
         if self.model.scorer == "restoration":
             self.stages += ["prior"] * prior_epochs
         self._svm_latents: list[torch.Tensor] = []
+        self._pool_images: list[torch.Tensor] = []
 
     # -------------------------------------------------------------------------------------------------- Anomalib API
     @classmethod
@@ -151,13 +162,30 @@ class _PatchAutoencoderTraining:
 
     def on_train_epoch_start(self) -> None:
         self._svm_latents = []
+        self._pool_images = []
+
+    def on_train_epoch_end(self) -> None:
+        """Under DDP, average BatchNorm running statistics over the ranks after each auto-encoder epoch.
+
+        Each rank updates them from its own patches; the later stages and the saved checkpoint need one encoder.
+        """
+        if self.trainer.world_size > 1 and self.stage == "autoencoder":
+            for module in self.model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:  # noqa: SLF001
+                    for statistic in (module.running_mean, module.running_var):
+                        statistic.copy_(self.trainer.strategy.reduce(statistic.clone(), reduce_op="mean"))
 
     def training_step(self, batch: Batch, batch_idx: int, *args, **kwargs) -> STEP_OUTPUT:
         del args, kwargs
         stage = self.stage
         self.log("stage", float(self.stages.index(stage)), on_step=True, prog_bar=True, logger=False)
         if stage == "autoencoder":
-            return self._train_autoencoder(batch.image)
+            if self.patch_sampling == "batch":
+                return self._train_autoencoder(self.model.random_patches(batch.image, self.patches_per_image))
+            self._pool_images.append(batch.image.detach().cpu())
+            if batch_idx + 1 < self.trainer.num_training_batches:
+                return None
+            return self._train_autoencoder_on_pool()
         # Later stages use the trained auto-encoder as a fixed feature map (BatchNorm with running statistics).
         self.model.encoder.eval()
         self.model.decoder.eval()
@@ -176,23 +204,42 @@ class _PatchAutoencoderTraining:
             optimizer.step()
         return None
 
-    def _train_autoencoder(self, images: torch.Tensor) -> STEP_OUTPUT:
+    def _train_autoencoder(self, patches: torch.Tensor) -> STEP_OUTPUT:
+        """Adam steps on shuffled mini-batches of ``patch_batch_size`` patches."""
+        order = torch.randperm(patches.shape[0], device=patches.device)
+        return self._autoencoder_steps(patches[indices] for indices in order.split(self.patch_batch_size))
+
+    def _train_autoencoder_on_pool(self) -> STEP_OUTPUT:
+        """Paper protocol: ``patches_per_image`` random positions in every image of the epoch, pooled and shuffled."""
+        images = torch.cat(self._pool_images)
+        self._pool_images = []
+        count, _, height, width = images.shape
+        size = self.model.patch_size
+        if min(height, width) < size:
+            msg = f"Training images must be at least {size} x {size} pixels (the patch size), got {height} x {width}."
+            raise ValueError(msg)
+        total = count * self.patches_per_image
+        image_index = torch.randperm(total) // self.patches_per_image  # shuffled pool: image of each patch
+        tops = torch.randint(0, height - size + 1, (total,))
+        lefts = torch.randint(0, width - size + 1, (total,))
+        mini_batches = (
+            gather_patches(images, image_index[chunk], tops[chunk], lefts[chunk], size).to(self.device)
+            for chunk in torch.arange(total).split(self.patch_batch_size)
+        )
+        return self._autoencoder_steps(mini_batches)
+
+    def _autoencoder_steps(self, mini_batches: Iterable[torch.Tensor]) -> STEP_OUTPUT:
         optimizer = self.optimizers()
         optimizer = optimizer[0] if isinstance(optimizer, list) else optimizer
-        patches = self.model.random_patches(images, self.patches_per_image)
-        order = torch.randperm(patches.shape[0], device=patches.device)
-        for indices in order.split(self.patch_batch_size):
-            chunk = patches[indices]
-            reconstruction, codebook_loss, commitment_loss = self.model.reconstruct(chunk)
-            loss = self.loss(chunk, reconstruction, codebook_loss, commitment_loss)
+        for patches in mini_batches:
+            reconstruction, codebook_loss, commitment_loss, indices = self.model.reconstruct(patches)
+            loss = self.loss(patches, reconstruction, codebook_loss, commitment_loss)
             optimizer.zero_grad()
             self.manual_backward(loss)
             optimizer.step()
         self.log("train_loss", loss.detach(), on_step=True, prog_bar=True)
-        if self.model.quantizer is not None:
-            with torch.no_grad():
-                used = self.model.patch_codes(chunk).unique().numel()
-            self.log("codes_used", float(used), on_step=True, prog_bar=True)
+        if indices is not None:  # codes of the last mini-batch, from its training pass (no extra BatchNorm update)
+            self.log("codes_used", float(indices.unique().numel()), on_step=True, prog_bar=True)
         return {"loss": loss.detach()}
 
     def _train_prior(self, images: torch.Tensor) -> STEP_OUTPUT:
@@ -230,22 +277,34 @@ class _PatchAutoencoderTraining:
 
     # -------------------------------------------------------------------------------------------------- evaluation
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Scores with the chosen scorer; before its stage has finished (earlier fit epochs), with reconstruction."""
+        """Scores with the chosen scorer.
+
+        Inside ``fit``, validations before the scorer's stage has finished (earlier epochs, or an SVM not fitted yet)
+        use the reconstruction scorer; outside ``fit`` (validate, test, predict) always the chosen scorer, which raises
+        for an unfitted SVM instead of reporting another scorer's numbers under its name.
+        """
         del args, kwargs
-        fitting = self.trainer.state.fn == "fit"
-        ready = not fitting or self.current_epoch >= len(self.stages) - 1
-        if self.model.scorer == "ocsvm":
-            ready = ready and self.model.ocsvm.is_fitted
+        ready = True
+        if self.trainer.state.fn == "fit":
+            ready = self.current_epoch >= len(self.stages) - 1
+            if self.model.scorer == "ocsvm":
+                ready = ready and self.model.ocsvm.is_fitted
         anomaly_map = self.model.anomaly_map(batch.image, scorer=None if ready else "reconstruction")
         return batch.update(pred_score=anomaly_map.flatten(1).amax(1), anomaly_map=anomaly_map)
 
     def to_onnx(self, export_root: Path | str, *args, **kwargs) -> Path:  # noqa: ANN002, ANN003
-        """ONNX export of the reconstruction and OC-SVM scorers; restoration (prior sampling loop) is not exportable."""
+        """ONNX (and OpenVINO, which goes through ONNX) export of the reconstruction and OC-SVM scorers at any size.
+
+        Raises:
+            NotImplementedError: for the restoration scorer, whose codes are drawn from the prior in a data-dependent
+                loop that ONNX cannot express.
+        """
         if self.model.scorer == "restoration":
             msg = (
-                "The restoration scorer samples codes from the prior in a data-dependent loop and cannot be exported "
-                "to ONNX. Export the same checkpoint with scorer='reconstruction' instead "
-                "(model.model.scorer = 'reconstruction')."
+                "The restoration scorer cannot be exported: it draws codes from the prior in a data-dependent "
+                "autoregressive loop that ONNX/OpenVINO graphs cannot express. The 'reconstruction' scorer (and "
+                "'ocsvm' once an SVM is fitted) export at any input size; the same checkpoint exports with "
+                "model.model.scorer = 'reconstruction'."
             )
             raise NotImplementedError(msg)
         return super().to_onnx(export_root, *args, **kwargs)
@@ -260,11 +319,13 @@ class PatchAE(_PatchAutoencoderTraining, AnomalibModule):
         kernel_sizes, strides, channels: encoder blocks (paper: 5-3-3-3, 1-1-3-1, 3-4-12-16).
         patches_per_image: random training patches per image and step (paper: 1000).
         patch_batch_size: patches per optimiser step (paper: 100).
+        patch_sampling: ``"batch"`` (mini-batches from one image batch's patches) or ``"pool"`` (the paper's shuffled
+            pool of all training patches of the epoch; the epoch's images are kept in CPU memory).
         learning_rate: Adam learning rate (not given in the paper).
         ae_epochs: auto-encoder epochs (paper: 10).
         svm_nu: one-class SVM nu (paper: 0.03).
         svm_patches_per_image: random patches per training image whose latents fit the SVM (its cost is quadratic).
-        chunk_size: support vectors scored at once.
+        chunk_elements: OC-SVM dense map: at most this many values per temporary (chunks sized from ``B * H * W``).
         pre_processor, post_processor, evaluator, visualizer: Anomalib components (``True``: defaults).
     """
 
@@ -277,11 +338,12 @@ class PatchAE(_PatchAutoencoderTraining, AnomalibModule):
         channels: Sequence[int] = PAPER_CHANNELS,
         patches_per_image: int = 1000,
         patch_batch_size: int = 100,
+        patch_sampling: str = "batch",
         learning_rate: float = 1e-3,
         ae_epochs: int = 10,
         svm_nu: float = 0.03,
         svm_patches_per_image: int = 20,
-        chunk_size: int = 256,
+        chunk_elements: int = 1 << 22,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -300,11 +362,12 @@ class PatchAE(_PatchAutoencoderTraining, AnomalibModule):
             kernel_sizes=kernel_sizes,
             strides=strides,
             channels=channels,
-            chunk_size=chunk_size,
+            chunk_elements=chunk_elements,
         )
         self._setup_training(
             patches_per_image=patches_per_image,
             patch_batch_size=patch_batch_size,
+            patch_sampling=patch_sampling,
             learning_rate=learning_rate,
             ae_epochs=ae_epochs,
             commitment_weight=0.0,
@@ -323,7 +386,7 @@ class PatchVQVAE(_PatchAutoencoderTraining, AnomalibModule):
         scorer: ``"reconstruction"`` ("AE discret. recons."), ``"ocsvm"`` on the quantised latents ("E discret. +
             SVMu") or ``"restoration"`` ("AE discret. restau.": ``1 - SSIM(x, D(z~_q))``).
         patch_size, kernel_sizes, strides, channels, patches_per_image, patch_batch_size, learning_rate, ae_epochs,
-            svm_nu, svm_patches_per_image, chunk_size: as :class:`PatchAE`.
+            patch_sampling, svm_nu, svm_patches_per_image, chunk_elements: as :class:`PatchAE`.
         num_codes: codebook size K (paper: 1024).
         commitment_weight: beta of the commitment loss (0.25, van den Oord et al.).
         prior_epochs: epochs of prior training after the auto-encoder (restoration only; not given in the paper).
@@ -331,9 +394,11 @@ class PatchVQVAE(_PatchAutoencoderTraining, AnomalibModule):
         prior_dim, prior_layers, prior_heads, prior_feedforward, prior_dropout: prior Transformer (paper: 256, 8, 8,
             512; dropout not given).
         restoration_threshold: tau (paper: 0.05).
-        restoration_mode: ``"sequential"`` (faithful re-conditioning) or ``"single_pass"`` (teacher-forced, cheaper).
+        restoration_mode: ``"sequential"`` (faithful: each conditional sees the restored prefix; one cached sweep)
+            or ``"single_pass"`` (teacher-forced conditionals of the input codes).
         restoration_stride: stride of the grid of restored patches, interpolated to full resolution.
-        restoration_seed: seed of the resampling (deterministic maps).
+        restoration_seed: seed of the resampling (the draws of a patch depend only on it and the patch's position).
+        restoration_chunk_size: patches restored at once (key/value cache: ``2 * layers * chunk * 289 * dim`` values).
         ssim_data_range: image range for SSIM (1.0 with the default pre-processor).
         pre_processor, post_processor, evaluator, visualizer: Anomalib components (``True``: defaults).
     """
@@ -348,6 +413,7 @@ class PatchVQVAE(_PatchAutoencoderTraining, AnomalibModule):
         num_codes: int = 1024,
         patches_per_image: int = 1000,
         patch_batch_size: int = 100,
+        patch_sampling: str = "batch",
         learning_rate: float = 1e-3,
         ae_epochs: int = 10,
         commitment_weight: float = 0.25,
@@ -365,8 +431,9 @@ class PatchVQVAE(_PatchAutoencoderTraining, AnomalibModule):
         restoration_mode: str = "sequential",
         restoration_stride: int = 8,
         restoration_seed: int = 0,
+        restoration_chunk_size: int = 128,
         ssim_data_range: float = 1.0,
-        chunk_size: int = 256,
+        chunk_elements: int = 1 << 22,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -392,12 +459,14 @@ class PatchVQVAE(_PatchAutoencoderTraining, AnomalibModule):
             restoration_mode=restoration_mode,
             restoration_stride=restoration_stride,
             restoration_seed=restoration_seed,
+            restoration_chunk_size=restoration_chunk_size,
             ssim_data_range=ssim_data_range,
-            chunk_size=chunk_size,
+            chunk_elements=chunk_elements,
         )
         self._setup_training(
             patches_per_image=patches_per_image,
             patch_batch_size=patch_batch_size,
+            patch_sampling=patch_sampling,
             learning_rate=learning_rate,
             ae_epochs=ae_epochs,
             commitment_weight=commitment_weight,

@@ -21,10 +21,14 @@ from torch import nn
 
 from .anomaly_map import (
     centre_pixel_reconstruction,
-    dense_restoration_map,
-    ocsvm_decision_map,
+    gather_patches,
+    grid_positions,
+    interpolate_grid,
     patch_reconstruction_map,
+    patch_ssim,
     reflect_pad_for_patches,
+    sample_inverse_cdf,
+    uniform_draws,
 )
 
 __all__ = [
@@ -164,13 +168,17 @@ class VectorQuantizer(nn.Module):
     def num_codes(self) -> int:
         return self.codebook.shape[0]
 
-    def indices(self, latents: torch.Tensor, chunk_size: int = 65536) -> torch.Tensor:
-        """``[B, C, H, W] -> [B, H, W]`` nearest code indices (chunked over positions)."""
+    def indices(self, latents: torch.Tensor, max_elements: int = 1 << 22) -> torch.Tensor:
+        """``[B, C, H, W] -> [B, H, W]`` nearest code indices, ``argmin_l ||e_l||^2 - 2 <z, e_l>``.
+
+        Positions are taken in chunks whose ``[chunk, K]`` distance matrix holds at most ``max_elements`` values.
+        """
         flat = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
         codebook_norm = self.codebook.pow(2).sum(1)
-        result = torch.cat([
-            (codebook_norm - 2 * chunk @ self.codebook.T).argmin(1) for chunk in flat.split(chunk_size)
-        ]) if flat.numel() else flat.new_zeros(0, dtype=torch.long)
+        # An exported graph takes all positions at once (a shape-dependent number of chunks cannot be traced).
+        chunk_size = max(1, max_elements // self.num_codes)
+        chunks = [flat] if torch.compiler.is_compiling() else flat.split(chunk_size)
+        result = torch.cat([torch.addmm(codebook_norm, chunk, self.codebook.T, alpha=-2).argmin(1) for chunk in chunks])
         return result.reshape(latents.shape[0], *latents.shape[2:])
 
     def embed(self, indices: torch.Tensor) -> torch.Tensor:
@@ -192,7 +200,8 @@ class CodePrior(nn.Module):
     d = 256, feed-forward 512, causal).
 
     ``forward(codes)`` gives the logits of ``p(z_q^j | z_q^1..z_q^{j-1})`` for every position ``j`` (teacher forcing:
-    the input is a start token followed by the codes shifted by one).
+    the input is a start token followed by the codes shifted by one). :meth:`restore` runs the same network one
+    position at a time with cached keys and values.
     """
 
     def __init__(
@@ -207,6 +216,7 @@ class CodePrior(nn.Module):
     ) -> None:
         super().__init__()
         self.start_token = num_codes
+        self.num_heads = num_heads
         self.token_embedding = nn.Embedding(num_codes + 1, dim)
         self.position_embedding = nn.Parameter(torch.zeros(1, sequence_length, dim))
         nn.init.normal_(self.position_embedding, std=0.02)
@@ -227,13 +237,53 @@ class CodePrior(nn.Module):
         hidden = self.blocks(hidden, mask=self.causal_mask[:length, :length], is_causal=True)
         return self.head(hidden)
 
+    def restore(self, codes: torch.Tensor, uniforms: torch.Tensor, threshold: float) -> torch.Tensor:
+        """Sequential restoration in one autoregressive sweep (eval mode: dropout is not applied).
+
+        For ``j = 1..L`` in raster order: ``p_j = p(. | z~_1..z~_{j-1})`` conditioned on the *restored* prefix;
+        ``z~_j = z_j`` if ``p_j(z_j) >= threshold``, else ``z~_j`` is drawn from ``p_j`` with ``uniforms[:, j]``
+        (inverse CDF). Keys and values of the prefix are cached, so the cost is that of one forward pass.
+        """
+        count, length = codes.shape
+        layers = self.blocks.layers
+        dim = self.token_embedding.embedding_dim
+        heads, head_dim = self.num_heads, dim // self.num_heads
+        dtype = self.head.weight.dtype
+        cache_shape = (len(layers), count, heads, length, head_dim)
+        keys = torch.empty(cache_shape, dtype=dtype, device=codes.device)
+        values = torch.empty_like(keys)
+        restored = codes.clone()
+        token = torch.full_like(codes[:, 0], self.start_token)
+        for position in range(length):
+            hidden = self.token_embedding(token) + self.position_embedding[0, position]
+            for index, layer in enumerate(layers):
+                attention = layer.self_attn
+                query, key, value = F.linear(
+                    layer.norm1(hidden), attention.in_proj_weight, attention.in_proj_bias
+                ).chunk(3, dim=-1)
+                keys[index, :, :, position] = key.reshape(count, heads, head_dim)
+                values[index, :, :, position] = value.reshape(count, heads, head_dim)
+                attended = F.scaled_dot_product_attention(
+                    query.reshape(count, heads, 1, head_dim),
+                    keys[index, :, :, : position + 1],
+                    values[index, :, :, : position + 1],
+                )
+                hidden = hidden + attention.out_proj(attended.reshape(count, dim))
+                hidden = hidden + layer.linear2(layer.activation(layer.linear1(layer.norm2(hidden))))
+            probabilities = self.head(self.blocks.norm(hidden)).float().softmax(-1)
+            current = codes[:, position]
+            improbable = probabilities.gather(1, current[:, None])[:, 0] < threshold
+            token = torch.where(improbable, sample_inverse_cdf(probabilities, uniforms[:, position]), current)
+            restored[:, position] = token
+        return restored
+
 
 class OneClassSVMHead(nn.Module):
     """A fitted RBF one-class SVM kept as buffers and evaluated in torch (so it checkpoints and exports).
 
-    ``f(z) = sum_i alpha_i exp(-gamma ||z - s_i||^2) + b`` with sklearn's ``OneClassSVM`` support vectors ``s_i``, dual
-    coefficients ``alpha_i`` and intercept ``b``; ``gamma = 1 / (var(z) dim(z))`` (paper section 3.2, ``gamma="scale"``).
-    The anomaly score is ``-f(z)``.
+    ``f(z) = sum_i alpha_i exp(-gamma ||z - s_i||^2) + b`` with scikit-learn's ``OneClassSVM`` support vectors ``s_i``,
+    dual coefficients ``alpha_i``, intercept ``b`` and its own ``gamma`` (paper section 3.2, ``gamma="scale"``:
+    ``1 / (var(z) dim(z))``, 1 for zero variance). The anomaly score is ``-f(z)``.
     """
 
     def __init__(self, latent_shape: tuple[int, int, int]) -> None:
@@ -254,12 +304,11 @@ class OneClassSVMHead(nn.Module):
 
         features = latents.detach().reshape(latents.shape[0], -1).double().cpu().numpy()
         svm = OneClassSVM(kernel="rbf", nu=nu, gamma="scale").fit(features)
-        gamma = 1.0 / (features.shape[1] * features.var())
         self.set_solution(
             support_vectors=torch.from_numpy(svm.support_vectors_).reshape(-1, *self.latent_shape),
             dual_coef=torch.from_numpy(svm.dual_coef_[0]),
             intercept=torch.as_tensor(float(svm.intercept_[0])),
-            gamma=torch.as_tensor(float(gamma)),
+            gamma=torch.as_tensor(float(svm._gamma)),  # noqa: SLF001  (the value libsvm used, "scale" resolved)
         )
 
     def set_solution(
@@ -279,14 +328,34 @@ class OneClassSVMHead(nn.Module):
             "gamma": self.gamma,
         }
 
+    def decision(self, latents: torch.Tensor, dilation: int = 1, max_elements: int | None = None) -> torch.Tensor:
+        """Decision values ``f(z)`` of every latent window: ``[B, C, H', W'] -> [B, 1, H, W]``, float32.
+
+        A window is ``latents[:, :, y + dilation*k, x + dilation*l]`` (``k, l < m``); on per-patch latents
+        ``[N, C, m, m]`` this is ``[N, 1, 1, 1]``. ``||z - s||^2 = ||z||^2 + ||s||^2 - 2<z, s>`` with ``<z, s>`` a
+        dilated convolution; support vectors are taken in chunks of ``max_elements // (B*H*W)`` (``None``: all at
+        once, as in an exported graph), so each temporary holds at most ``max(max_elements, B*H*W)`` values. Runs in
+        float32 even under autocast; the kernel sum nearly cancels the intercept, so it accumulates in float64 (as
+        libsvm does).
+        """
+        with torch.autocast(latents.device.type, enabled=False):
+            latents = latents.float()
+            vectors = self.support_vectors
+            window = torch.ones(1, *vectors.shape[1:], dtype=latents.dtype, device=latents.device)
+            latent_norms = F.conv2d(latents.pow(2), window, dilation=dilation)  # [B, 1, H, W]
+            batch, _, height, width = latent_norms.shape
+            chunk = vectors.shape[0] if max_elements is None else max(1, max_elements // (batch * height * width))
+            decision = self.intercept.double().expand(batch, 1, height * width).clone()
+            for chunk_vectors, coefs in zip(vectors.split(chunk), self.dual_coef.split(chunk), strict=True):
+                kernel = F.conv2d(latents, chunk_vectors, dilation=dilation)  # <z, s>, then in place to exp(-g d^2)
+                kernel.mul_(-2).add_(latent_norms).add_(chunk_vectors.pow(2).sum((1, 2, 3))[:, None, None])
+                kernel.clamp_min_(0).mul_(-self.gamma).exp_()
+                decision += coefs.double()[None, None] @ kernel.flatten(2).double()
+            return decision.reshape(batch, 1, height, width).float()
+
     def decision_function(self, latents: torch.Tensor) -> torch.Tensor:
-        """``[N, C, m, m] -> [N]`` decision values ``f(z)`` (positive inside the support of normal latents)."""
-        flat = latents.reshape(latents.shape[0], -1)
-        vectors = self.support_vectors.reshape(self.support_vectors.shape[0], -1)
-        squared = torch.cdist(flat, vectors).pow(2)
-        # The kernel sum nearly cancels the intercept: accumulate in float64 (as libsvm does).
-        kernel = torch.exp(-self.gamma * squared).double()
-        return (kernel @ self.dual_coef.double() + self.intercept.double()).to(latents.dtype)
+        """``[N, C, m, m] -> [N]`` decision values (positive inside the support of normal latents)."""
+        return self.decision(latents).flatten()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
         # The number of support vectors is only known after the fit: take the stored shapes before copying.
@@ -308,12 +377,15 @@ class PatchAutoencoderModel(nn.Module):
         num_codes: codebook size K (paper: 1024).
         prior_dim, prior_layers, prior_heads, prior_feedforward, prior_dropout: the code prior (paper: 256, 8, 8, 512).
         restoration_threshold: resample codes with prior probability below tau (paper: 0.05).
-        restoration_mode: ``"sequential"`` (re-condition on the restored prefix after every resampled code, faithful)
-            or ``"single_pass"`` (resample all improbable codes from one teacher-forced pass, cheaper).
+        restoration_mode: ``"sequential"`` (each conditional sees the restored prefix; one cached sweep, faithful)
+            or ``"single_pass"`` (all improbable codes resampled from the teacher-forced conditionals of the input).
         restoration_stride: restoration is evaluated on a grid of patch centres with this stride, then interpolated.
-        restoration_seed: seed of the resampling generator (identical maps across calls and checkpoint reloads).
+        restoration_seed: seed of the resampling (identical maps across calls, batches, devices and reloads).
+        restoration_chunk_size: patches restored at once (memory: the key/value cache holds
+            ``2 * prior_layers * chunk * 289 * prior_dim`` values).
         ssim_data_range: dynamic range of the images for SSIM's constants (1.0 for the default [0, 1] input).
-        chunk_size: patches (restoration) / support vectors (OC-SVM) scored at once.
+        chunk_elements: OC-SVM dense map: at most this many values per temporary (support-vector chunks are sized
+            from ``B * H * W``).
     """
 
     def __init__(
@@ -334,8 +406,9 @@ class PatchAutoencoderModel(nn.Module):
         restoration_mode: str = "sequential",
         restoration_stride: int = 8,
         restoration_seed: int = 0,
+        restoration_chunk_size: int = 128,
         ssim_data_range: float = 1.0,
-        chunk_size: int = 256,
+        chunk_elements: int = 1 << 22,
     ) -> None:
         super().__init__()
         if scorer not in SCORERS:
@@ -350,8 +423,8 @@ class PatchAutoencoderModel(nn.Module):
         if not 0.0 < restoration_threshold < 1.0:
             msg = f"restoration_threshold must lie in (0, 1), got {restoration_threshold}."
             raise ValueError(msg)
-        if restoration_stride < 1 or chunk_size < 1:
-            msg = "restoration_stride and chunk_size must be positive."
+        if min(restoration_stride, restoration_chunk_size, chunk_elements) < 1:
+            msg = "restoration_stride, restoration_chunk_size and chunk_elements must be positive."
             raise ValueError(msg)
         if len({len(kernel_sizes), len(strides), len(channels)}) != 1:
             msg = "kernel_sizes, strides and channels must have the same length (one entry per encoder block)."
@@ -364,8 +437,9 @@ class PatchAutoencoderModel(nn.Module):
         self.restoration_mode = restoration_mode
         self.restoration_stride = restoration_stride
         self.restoration_seed = restoration_seed
+        self.restoration_chunk_size = restoration_chunk_size
         self.ssim_data_range = ssim_data_range
-        self.chunk_size = chunk_size
+        self.chunk_elements = chunk_elements
         self.encoder = PatchEncoder(kernel_sizes, strides, channels)
         self.decoder = PatchDecoder(kernel_sizes, strides, channels)
         latent_shape = (channels[-1], self.latent_size, self.latent_size)
@@ -386,27 +460,19 @@ class PatchAutoencoderModel(nn.Module):
         self.ocsvm = OneClassSVMHead(latent_shape) if scorer == "ocsvm" else None
 
     # ----------------------------------------------------------------------------------------------------- patches
-    def check_image_size(self, height: int, width: int) -> None:
+    def random_patches(self, images: torch.Tensor, patches_per_image: int) -> torch.Tensor:
+        """``[B, 3, H, W] -> [B * n, 3, P, P]`` patches at uniformly random positions (paper: 1000 per image)."""
+        batch, _, height, width = images.shape
         if min(height, width) < self.patch_size:
             msg = (
-                f"Images must be at least {self.patch_size} x {self.patch_size} pixels (the patch size), got "
+                f"Training images must be at least {self.patch_size} x {self.patch_size} pixels (the patch size), got "
                 f"{height} x {width}: resize them larger in the pre-processor or lower patch_size."
             )
             raise ValueError(msg)
-
-    def random_patches(self, images: torch.Tensor, patches_per_image: int) -> torch.Tensor:
-        """``[B, 3, H, W] -> [B * n, 3, P, P]`` patches at uniformly random positions (paper: 1000 per image)."""
-        batch, channels, height, width = images.shape
-        self.check_image_size(height, width)
-        size = self.patch_size
-        tops = torch.randint(0, height - size + 1, (batch, patches_per_image), device=images.device)
-        lefts = torch.randint(0, width - size + 1, (batch, patches_per_image), device=images.device)
-        offsets = torch.arange(size, device=images.device)
-        rows = (tops[..., None] + offsets)[..., :, None]  # [B, n, P, 1]
-        cols = (lefts[..., None] + offsets)[..., None, :]  # [B, n, 1, P]
-        batch_index = torch.arange(batch, device=images.device)[:, None, None, None]
-        patches = images.permute(0, 2, 3, 1)[batch_index, rows, cols]  # [B, n, P, P, C]
-        return patches.reshape(-1, size, size, channels).permute(0, 3, 1, 2).contiguous()
+        tops = torch.randint(0, height - self.patch_size + 1, (batch * patches_per_image,), device=images.device)
+        lefts = torch.randint(0, width - self.patch_size + 1, (batch * patches_per_image,), device=images.device)
+        image = torch.arange(batch, device=images.device).repeat_interleave(patches_per_image)
+        return gather_patches(images, image, tops, lefts, self.patch_size).contiguous()
 
     def quantize(self, latents: torch.Tensor) -> torch.Tensor:
         """Nearest-code replacement (no gradient bookkeeping), identity for the continuous AE."""
@@ -414,14 +480,16 @@ class PatchAutoencoderModel(nn.Module):
             return latents
         return self.quantizer.embed(self.quantizer.indices(latents))
 
-    def reconstruct(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Training pass: ``(x_hat, codebook loss, commitment loss)`` (losses are 0 for the continuous AE)."""
+    def reconstruct(
+        self, patches: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Training pass: ``(x_hat, codebook loss, commitment loss, code indices)`` (AE: zero losses, no indices)."""
         latents = self.encoder(patches)
         if self.quantizer is None:
             zero = latents.new_zeros(())
-            return self.decoder(latents), zero, zero
-        quantised, _, codebook_loss, commitment_loss = self.quantizer(latents)
-        return self.decoder(quantised), codebook_loss, commitment_loss
+            return self.decoder(latents), zero, zero, None
+        quantised, indices, codebook_loss, commitment_loss = self.quantizer(latents)
+        return self.decoder(quantised), codebook_loss, commitment_loss, indices
 
     def patch_latents(self, patches: torch.Tensor) -> torch.Tensor:
         """Latents the OC-SVM sees: ``E(x)`` (AE) or its quantisation ``z_q`` (VQ-VAE)."""
@@ -432,70 +500,96 @@ class PatchAutoencoderModel(nn.Module):
         return self.quantizer.indices(self.encoder(patches)).flatten(1)
 
     # ------------------------------------------------------------------------------------------------- restoration
-    def restore_codes(self, codes: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def restore_codes(self, codes: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
         """Resample the codes whose prior probability is below tau (paper section 2.2, "erreur de restauration").
 
-        ``sequential``: walk the sequence in raster order; at the first remaining position whose code has probability
-        ``< tau`` given the (already restored) prefix, draw a new code from that conditional, then recompute the
-        conditionals after it. Patches are processed together; each pass re-runs the causal prior only on patches that
-        still have an improbable code. ``single_pass``: every improbable code is drawn from the teacher-forced
-        conditionals of the original sequence.
+        ``uniforms`` (``[N, m*m]``, in (0, 1)) drive the draws (inverse CDF), one number per position.
+        ``sequential``: ``z~_j = z_j`` if ``p(z_j | z~_1..z~_{j-1}) >= tau``, else a draw from that conditional, i.e.
+        every conditional sees the already restored prefix (:meth:`CodePrior.restore`, one cached sweep).
+        ``single_pass``: every code with ``p(z_j | z_1..z_{j-1}) < tau`` (teacher forcing on the input codes) is
+        replaced by a draw from that conditional.
         """
-        codes = codes.clone()
-        resume_from = torch.zeros(codes.shape[0], dtype=torch.long, device=codes.device)
-        active = torch.arange(codes.shape[0], device=codes.device)
-        positions = torch.arange(codes.shape[1], device=codes.device)
-        while active.numel():
-            probabilities = self.prior(codes[active]).softmax(-1)
-            observed = probabilities.gather(-1, codes[active, :, None])[..., 0]
-            improbable = (observed < self.restoration_threshold) & (positions >= resume_from[active, None])
-            if self.restoration_mode == "single_pass":
-                rows, cols = improbable.nonzero(as_tuple=True)
-                if rows.numel():
-                    draws = torch.multinomial(probabilities[rows, cols], 1, generator=generator)[:, 0]
-                    codes[active[rows], cols] = draws
-                break
-            has_improbable = improbable.any(1)
-            if not has_improbable.any():
-                break
-            rows = has_improbable.nonzero()[:, 0]
-            first = improbable[rows].float().argmax(1)
-            draws = torch.multinomial(probabilities[rows, first], 1, generator=generator)[:, 0]
-            codes[active[rows], first] = draws
-            resume_from[active[rows]] = first + 1
-            active = active[rows]
-        return codes
+        if self.restoration_mode == "sequential":
+            return self.prior.restore(codes, uniforms, self.restoration_threshold)
+        probabilities = self.prior(codes).float().softmax(-1)
+        improbable = probabilities.gather(-1, codes[..., None])[..., 0] < self.restoration_threshold
+        draws = sample_inverse_cdf(probabilities.flatten(0, 1), uniforms.flatten()).reshape(codes.shape)
+        return torch.where(improbable, draws, codes)
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """``[N, m*m]`` code indices -> ``[N, 3, P, P]`` decoded patches."""
         grid = codes.reshape(-1, self.latent_size, self.latent_size)
         return self.decoder(self.quantizer.embed(grid))
 
+    def restoration_scores(self, patches: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """``1 - SSIM(x, D(z~_q))`` of ``[N, 3, P, P]`` patches; ``keys`` identify each patch's random numbers."""
+        codes = self.patch_codes(patches)
+        uniforms = uniform_draws(self.restoration_seed, keys, codes.shape[1])
+        restored = self.decode_codes(self.restore_codes(codes, uniforms))
+        return 1 - patch_ssim(patches, restored, self.ssim_data_range)
+
+    def restoration_map(self, images: torch.Tensor) -> torch.Tensor:
+        """Restoration scores on a stride-``restoration_stride`` grid of centres, interpolated to ``[B, 1, H, W]``.
+
+        Patches are gathered, encoded and restored ``restoration_chunk_size`` at a time. The random numbers of a
+        patch depend only on ``restoration_seed`` and its centre ``(y, x)``, so an image's map does not depend on its
+        batch neighbours, the batch size, the chunking or how the data is sharded.
+        """
+        if self.restoration_mode == "sequential" and torch.compiler.is_compiling():
+            msg = "Restoration cannot be compiled or exported (data-dependent sampling loop)."
+            raise RuntimeError(msg)
+        batch, _, height, width = images.shape
+        padded = reflect_pad_for_patches(images, self.patch_size)
+        rows = grid_positions(height, self.restoration_stride, images.device)
+        cols = grid_positions(width, self.restoration_stride, images.device)
+        row_index = rows.repeat_interleave(cols.numel()).repeat(batch)
+        col_index = cols.repeat(rows.numel() * batch)
+        image_index = torch.arange(batch, device=images.device).repeat_interleave(rows.numel() * cols.numel())
+        scores = torch.cat(
+            [
+                self.restoration_scores(
+                    gather_patches(padded, image_chunk, row_chunk, col_chunk, self.patch_size),
+                    row_chunk * width + col_chunk,
+                )
+                for image_chunk, row_chunk, col_chunk in zip(
+                    image_index.split(self.restoration_chunk_size),
+                    row_index.split(self.restoration_chunk_size),
+                    col_index.split(self.restoration_chunk_size),
+                    strict=True,
+                )
+            ]
+        )
+        return interpolate_grid(scores.reshape(batch, rows.numel(), cols.numel()), rows, cols, (height, width))
+
     # ------------------------------------------------------------------------------------------------------ scoring
     def anomaly_map(self, images: torch.Tensor, scorer: str | None = None) -> torch.Tensor:
-        """Dense ``[B, 1, H, W]`` anomaly map of ``images`` with ``scorer`` (default: this model's)."""
+        """Dense ``[B, 1, H, W]`` anomaly map of ``images`` (any size) with ``scorer`` (default: this model's).
+
+        Raises:
+            RuntimeError: in training mode (BatchNorm would use batch statistics and the prior dropout), or for the
+                ``ocsvm`` scorer before the SVM is fitted.
+        """
         scorer = scorer or self.scorer
-        self.check_image_size(*images.shape[-2:])
-        padded = reflect_pad_for_patches(images, self.patch_size)
+        if any(module.training for module in self.modules()):
+            msg = "Dense anomaly maps need eval mode (BatchNorm running statistics, no dropout): call .eval() first."
+            raise RuntimeError(msg)
         if scorer == "restoration":
-            generator = None
-            if not torch.compiler.is_compiling():
-                generator = torch.Generator(device=images.device).manual_seed(self.restoration_seed)
-            return dense_restoration_map(self, images, padded, generator)
-        latents = self.encoder.dense(padded)
+            return self.restoration_map(images)
+        if scorer == "ocsvm" and (self.ocsvm is None or not self.ocsvm.is_fitted):
+            msg = "The one-class SVM is not fitted yet (it is fitted in the last epoch of `fit`)."
+            raise RuntimeError(msg)
+        latents = self.quantize(self.encoder.dense(reflect_pad_for_patches(images, self.patch_size)))
         if scorer == "ocsvm":
-            if self.ocsvm is None or not self.ocsvm.is_fitted:
-                msg = "The one-class SVM is not fitted yet (it is fitted in the last epoch of `fit`)."
-                raise RuntimeError(msg)
-            return -ocsvm_decision_map(self.quantize(latents), self.ocsvm, self.encoder.total_stride, self.chunk_size)
-        reconstruction = centre_pixel_reconstruction(self.decoder, self.quantize(latents), self.patch_size,
-                                                     self.encoder.total_stride, images.shape[-2:])
+            max_elements = None if torch.compiler.is_compiling() else self.chunk_elements
+            return -self.ocsvm.decision(latents, self.encoder.total_stride, max_elements)
+        reconstruction = centre_pixel_reconstruction(
+            self.decoder, latents, self.patch_size, self.latent_size, self.encoder.total_stride, images.shape[-2:]
+        )
         return patch_reconstruction_map(images, reconstruction)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor | InferenceBatch:
-        """Training: ``(x_hat, codebook loss, commitment loss)`` of patches. Eval: ``InferenceBatch`` of images."""
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...] | InferenceBatch:
+        """Training: ``reconstruct`` of patches. Eval: ``InferenceBatch`` of images."""
         if self.training:
             return self.reconstruct(images)
         anomaly_map = self.anomaly_map(images)
         return InferenceBatch(pred_score=anomaly_map.flatten(1).amax(1), anomaly_map=anomaly_map)
-
