@@ -67,7 +67,9 @@ def test_stock_cli_train_and_test(model: str, scorer: str, anomalib_cli, tiny_te
 
 
 def _fit_in_process(model: PatchAE | PatchVQVAE, textures_root: Path, root: Path) -> Path:
-    datamodule = MVTecAD(root=textures_root, category="gravel", train_batch_size=4, eval_batch_size=4, num_workers=0)
+    datamodule = MVTecAD(
+        root=textures_root, category="gravel", train_batch_size=4, eval_batch_size=4, num_workers=0
+    )
     engine = Engine(default_root_dir=root, limit_train_batches=2, accelerator="cpu", devices=1, logger=False)
     engine.fit(model, datamodule=datamodule)
     checkpoint = root / "reload.ckpt"
@@ -105,9 +107,7 @@ def test_checkpoint_reload_identical_and_onnx(model_class, options, textures_roo
 
     onnx_path = reloaded.to_onnx(tmp_path / "onnx", input_size=(64, 64))
     session = onnxruntime.InferenceSession(str(onnx_path))
-    outputs = dict(
-        zip([o.name for o in session.get_outputs()], session.run(None, {"input": images.numpy()}), strict=True)
-    )
+    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input": images.numpy()}), strict=True))
     with torch.no_grad():
         reference = reloaded(images)
     np.testing.assert_allclose(outputs["anomaly_map"], reference.anomaly_map.numpy(), rtol=1e-3, atol=1e-4)
@@ -117,19 +117,8 @@ def test_ddp_smoke_gathers_svm_latents(anomalib_cli, tiny_textures_args, tmp_pat
     """Two CPU processes (gloo): the SVM is fitted on the latents of both ranks and saved in the checkpoint."""
     args = _model_args("PatchVQVAE", "ocsvm")
     anomalib_cli(
-        "fit",
-        *args,
-        *tiny_textures_args("gravel"),
-        "--trainer.limit_train_batches",
-        "1",
-        "--trainer.strategy",
-        "ddp",
-        "--trainer.devices",
-        "2",
-        "--trainer.accelerator",
-        "cpu",
-        "--default_root_dir",
-        str(tmp_path),
+        "fit", *args, *tiny_textures_args("gravel"), "--trainer.limit_train_batches", "1", "--trainer.strategy", "ddp",
+        "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--default_root_dir", str(tmp_path),
     )
     state = torch.load(_checkpoint(tmp_path), weights_only=True)["state_dict"]
     assert state["model.ocsvm.support_vectors"].shape[0] > 0

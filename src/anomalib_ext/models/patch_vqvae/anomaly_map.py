@@ -55,13 +55,13 @@ def centre_pixel_reconstruction(
         rows = -(-(height - row_offset) // stride)
         for col_offset in range(min(stride, width)):
             cols = -(-(width - col_offset) // stride)
-            latents = dense_latents[..., row_offset::stride, col_offset::stride][
-                ..., : rows + latent_size - 1, : cols + latent_size - 1
-            ]
+            latents = dense_latents[
+                ..., row_offset::stride, col_offset::stride
+            ][..., : rows + latent_size - 1, : cols + latent_size - 1]
             decoded = decoder(latents)
-            result[..., row_offset::stride, col_offset::stride] = decoded[..., centre::stride, centre::stride][
-                ..., :rows, :cols
-            ]
+            result[..., row_offset::stride, col_offset::stride] = decoded[
+                ..., centre::stride, centre::stride
+            ][..., :rows, :cols]
     return result
 
 
@@ -70,7 +70,9 @@ def patch_reconstruction_map(images: torch.Tensor, reconstruction: torch.Tensor)
     return (images - reconstruction).pow(2).sum(1, keepdim=True)
 
 
-def ocsvm_decision_map(dense_latents: torch.Tensor, svm: OneClassSVMHead, stride: int, chunk_size: int) -> torch.Tensor:
+def ocsvm_decision_map(
+    dense_latents: torch.Tensor, svm: OneClassSVMHead, stride: int, chunk_size: int
+) -> torch.Tensor:
     """One-class SVM decision value ``f(z)`` of every patch latent, ``[B, 1, H, W]`` (chunked over support vectors)."""
     support_vectors = svm.support_vectors
     window = torch.ones(1, *support_vectors.shape[1:], dtype=dense_latents.dtype, device=dense_latents.device)
@@ -138,17 +140,10 @@ def dense_restoration_map(
     codes = codes.reshape(-1, latent * latent)  # [B * ny * nx, m * m], raster order per patch
     patches = padded.unfold(2, size, 1).unfold(3, size, 1)[:, :, rows][:, :, :, cols]  # [B, 3, ny, nx, P, P]
     patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3, size, size)
-    scores = torch.cat(
-        [
-            1
-            - patch_ssim(
-                patch_chunk, model.decode_codes(model.restore_codes(code_chunk, generator)), model.ssim_data_range
-            )
-            for patch_chunk, code_chunk in zip(
-                patches.split(model.chunk_size), codes.split(model.chunk_size), strict=True
-            )
-        ]
-    )
+    scores = torch.cat([
+        1 - patch_ssim(patch_chunk, model.decode_codes(model.restore_codes(code_chunk, generator)), model.ssim_data_range)
+        for patch_chunk, code_chunk in zip(patches.split(model.chunk_size), codes.split(model.chunk_size), strict=True)
+    ])
     grid = scores.reshape(batch, rows.numel(), cols.numel())
     row_weights = linear_interpolation_matrix(rows, height)
     col_weights = linear_interpolation_matrix(cols, width)

@@ -168,11 +168,9 @@ class VectorQuantizer(nn.Module):
         """``[B, C, H, W] -> [B, H, W]`` nearest code indices (chunked over positions)."""
         flat = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
         codebook_norm = self.codebook.pow(2).sum(1)
-        result = (
-            torch.cat([(codebook_norm - 2 * chunk @ self.codebook.T).argmin(1) for chunk in flat.split(chunk_size)])
-            if flat.numel()
-            else flat.new_zeros(0, dtype=torch.long)
-        )
+        result = torch.cat([
+            (codebook_norm - 2 * chunk @ self.codebook.T).argmin(1) for chunk in flat.split(chunk_size)
+        ]) if flat.numel() else flat.new_zeros(0, dtype=torch.long)
         return result.reshape(latents.shape[0], *latents.shape[2:])
 
     def embed(self, indices: torch.Tensor) -> torch.Tensor:
@@ -490,9 +488,8 @@ class PatchAutoencoderModel(nn.Module):
                 msg = "The one-class SVM is not fitted yet (it is fitted in the last epoch of `fit`)."
                 raise RuntimeError(msg)
             return -ocsvm_decision_map(self.quantize(latents), self.ocsvm, self.encoder.total_stride, self.chunk_size)
-        reconstruction = centre_pixel_reconstruction(
-            self.decoder, self.quantize(latents), self.patch_size, self.encoder.total_stride, images.shape[-2:]
-        )
+        reconstruction = centre_pixel_reconstruction(self.decoder, self.quantize(latents), self.patch_size,
+                                                     self.encoder.total_stride, images.shape[-2:])
         return patch_reconstruction_map(images, reconstruction)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor | InferenceBatch:
@@ -501,3 +498,4 @@ class PatchAutoencoderModel(nn.Module):
             return self.reconstruct(images)
         anomaly_map = self.anomaly_map(images)
         return InferenceBatch(pred_score=anomaly_map.flatten(1).amax(1), anomaly_map=anomaly_map)
+
