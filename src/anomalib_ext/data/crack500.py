@@ -48,7 +48,7 @@ from anomalib.data.utils import LabelName, Split, TestSplitMode, ValSplitMode
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import Transform
 
-from anomalib_ext.data.validation import DatasetLayoutError, list_files, pair_images_with_masks
+from anomalib_ext.data.validation import DatasetLayoutError, folder_entries, list_files, pair_images_with_masks
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +97,14 @@ def split_folder(root: Path, release: str, split: str) -> Path:
     """The folder of ``split`` (train/val/test) in ``release``, unwrapping a nested ``traindata/traindata/``."""
     folder = root / RELEASE_FOLDERS[release][split]
     if (folder / folder.name).is_dir():
+        beside = [path.name for path in folder_entries(folder, "Crack500") if path.name != folder.name]
+        if beside:
+            msg = (
+                f"Crack500: {folder} holds both the nested folder {folder.name}/ and {', '.join(beside[:5])}"
+                f"{' ...' if len(beside) > 5 else ''}; only one copy is read. Keep either the files or the nested "
+                f"folder. Expected layout:\n{EXPECTED_LAYOUT}"
+            )
+            raise DatasetLayoutError(msg)
         folder = folder / folder.name
     if not folder.is_dir():
         msg = f"Crack500: folder {folder} does not exist. Expected layout:\n{EXPECTED_LAYOUT}"

@@ -76,7 +76,7 @@ def _by_lower_name(paths: list[Path]) -> dict[str, Path]:
 def _read_split(split_dir: Path) -> list[tuple[str, int, str]]:
     """``(image path, label, mask path or "")`` of one ``Train``/``Test`` folder, cross-checked with ``Labels.txt``."""
     label_dir = split_dir / "Label"
-    images = _by_lower_name(list_files(split_dir, {".png"}, "DAGM", EXPECTED_LAYOUT))
+    images = _by_lower_name(list_files(split_dir, {".png"}, "DAGM", EXPECTED_LAYOUT, subfolders=["Label"]))
     masks = _by_lower_name(list_files(label_dir, {".png", ".txt"}, "DAGM", EXPECTED_LAYOUT))
     masks.pop(LABELS_FILE.lower(), None)
     labels_file = label_dir / LABELS_FILE

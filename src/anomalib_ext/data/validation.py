@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+OS_METADATA_NAMES = {"thumbs.db", "desktop.ini", "__macosx"}  # plus every name starting with "." (.DS_Store, ._x.png)
 
 
 class DatasetLayoutError(FileNotFoundError):
@@ -41,21 +45,46 @@ def check_images_readable(paths: Iterable[str | Path]) -> None:
             raise ValueError(msg) from error
 
 
-def _is_system_file(path: Path) -> bool:
-    return path.name.startswith(".") or path.name.lower() in {"thumbs.db", "desktop.ini"}
+def is_os_metadata(path: Path) -> bool:
+    """Operating-system metadata: hidden entries (``.DS_Store``, ``._img.png``), ``Thumbs.db``, ``desktop.ini``, ``__MACOSX``."""
+    return path.name.startswith(".") or path.name.lower() in OS_METADATA_NAMES
 
 
-def list_files(folder: Path, extensions: Iterable[str], dataset: str, expected_layout: str) -> list[Path]:
+def folder_entries(folder: Path, dataset: str) -> list[Path]:
+    """Sorted entries of ``folder`` without OS metadata; the metadata that was ignored is logged by name."""
+    entries = sorted(folder.iterdir())
+    ignored = [path.name for path in entries if is_os_metadata(path)]
+    if ignored:
+        logger.warning("%s: ignored OS metadata in %s: %s", dataset, folder, ", ".join(ignored))
+    return [path for path in entries if not is_os_metadata(path)]
+
+
+def list_files(
+    folder: Path,
+    extensions: Iterable[str],
+    dataset: str,
+    expected_layout: str,
+    subfolders: Iterable[str] = (),
+) -> list[Path]:
     """Sorted files of ``folder`` whose suffix is in ``extensions`` (case-insensitive, e.g. ``{".png", ".bmp"}``).
 
-    Sub-folders and operating-system metadata (hidden files such as ``.DS_Store``, ``Thumbs.db``, ``desktop.ini``) are
-    skipped; any other file raises :class:`DatasetLayoutError` that names it, so nothing is dropped silently.
+    Nothing is dropped silently: any other file and any sub-folder not named in ``subfolders`` (read elsewhere, e.g.
+    DAGM's ``Label/``) raise :class:`DatasetLayoutError` naming it. Only OS metadata (see :func:`is_os_metadata`) is
+    ignored, and logged.
     """
     if not folder.is_dir():
         msg = f"{dataset}: folder {folder} does not exist. Expected layout:\n{expected_layout}"
         raise DatasetLayoutError(msg)
     allowed = {extension.lower() for extension in extensions}
-    files = sorted(path for path in folder.iterdir() if path.is_file() and not _is_system_file(path))
+    entries = folder_entries(folder, dataset)
+    stray_folders = [path.name for path in entries if path.is_dir() and path.name not in set(subfolders)]
+    if stray_folders:
+        msg = (
+            f"{dataset}: sub-folder(s) {', '.join(stray_folders[:5])} in {folder} would not be read (images must lie "
+            f"directly in {folder.name}/). Move their images up or remove them. Expected layout:\n{expected_layout}"
+        )
+        raise DatasetLayoutError(msg)
+    files = [path for path in entries if path.is_file()]
     unexpected = [path.name for path in files if path.suffix.lower() not in allowed]
     if unexpected:
         msg = (
@@ -64,6 +93,19 @@ def list_files(folder: Path, extensions: Iterable[str], dataset: str, expected_l
         )
         raise DatasetLayoutError(msg)
     return files
+
+
+def require_only_folders(folder: Path, dataset: str, expected_layout: str) -> list[str]:
+    """Names of the sub-folders of ``folder``; a file lying directly in it raises :class:`DatasetLayoutError`."""
+    entries = folder_entries(folder, dataset)
+    stray_files = [path.name for path in entries if not path.is_dir()]
+    if stray_files:
+        msg = (
+            f"{dataset}: file(s) {', '.join(stray_files[:5])} lie directly in {folder} and would not be read (only "
+            f"sub-folders belong there). Move them into a sub-folder or remove them. Expected layout:\n{expected_layout}"
+        )
+        raise DatasetLayoutError(msg)
+    return [path.name for path in entries]
 
 
 def pair_images_with_masks(
