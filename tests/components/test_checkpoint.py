@@ -9,7 +9,7 @@ import pytest
 import torch
 from anomalib.data import ImageBatch, ImageItem
 from anomalib.pre_processing import PreProcessor
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningDataModule, Trainer
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
@@ -47,8 +47,8 @@ MODELS: dict[str, tuple[type, dict[str, Any]]] = {
 }
 
 
-def images(count: int) -> DataLoader:
-    items = [
+def image_items(count: int) -> list[ImageItem]:
+    return [
         ImageItem(
             image=torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(index)),
             gt_label=torch.tensor(0),
@@ -57,7 +57,24 @@ def images(count: int) -> DataLoader:
         )
         for index in range(count)
     ]
-    return DataLoader(items, batch_size=2, collate_fn=ImageBatch.collate)
+
+
+def images(count: int) -> DataLoader:
+    return DataLoader(image_items(count), batch_size=2, collate_fn=ImageBatch.collate)
+
+
+class TinyDataModule(LightningDataModule):
+    """Two random images as ``train_data`` (DenseHybridAD pastes its negatives in the training DataLoader's workers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.train_data = image_items(2)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_data, batch_size=2, collate_fn=ImageBatch.collate)
+
+    def val_dataloader(self) -> DataLoader:
+        return images(2)
 
 
 def components() -> dict[str, Any]:
@@ -84,7 +101,7 @@ def fit_and_save(model: Any, root: Path, epochs: int = 1) -> Path:  # noqa: ANN4
         accelerator="cpu",
         default_root_dir=root,
     )
-    trainer.fit(model, train_dataloaders=images(2), val_dataloaders=images(2))
+    trainer.fit(model, datamodule=TinyDataModule())
     path = root / "model.ckpt"
     trainer.save_checkpoint(path)
     return path
@@ -164,7 +181,7 @@ def test_training_resumes_from_a_slim_checkpoint(tmp_path: Path) -> None:
         accelerator="cpu",
         default_root_dir=tmp_path / "resumed",
     )
-    trainer.fit(model, train_dataloaders=images(2), val_dataloaders=images(2), ckpt_path=slim)
+    trainer.fit(model, datamodule=TinyDataModule(), ckpt_path=slim)
     assert trainer.current_epoch == 2
     path = tmp_path / "resumed.ckpt"
     trainer.save_checkpoint(path)
