@@ -175,22 +175,7 @@ def test_export(
     assert Path(exported).is_file()
 
 
-def _cli_params() -> list[object]:
-    """As :func:`_params` for ONNX, plus UFlowNFA, whose checkpoint at a non-default input size cannot be reloaded."""
-    params = _params(("onnx",))
-    for index, param in enumerate(params):
-        if param.values[0] == "UFlowNFA":
-            reason = (
-                "anomalib export reloads with the default 448 px pre-processor; UFlowNFA's input-size-dependent layer "
-                "norms then mismatch a checkpoint trained at 64 px (fix: rebuild the model in on_load_checkpoint)"
-            )
-            params[index] = pytest.param(
-                *param.values, id=param.id, marks=[pytest.mark.xfail(strict=False, reason=reason)]
-            )
-    return params
-
-
-@pytest.mark.parametrize(("name", "export_type"), _cli_params())
+@pytest.mark.parametrize(("name", "export_type"), _params(("onnx",)))
 def test_stock_cli_export(name: str, export_type: str, fitted: Callable[[str], Path], anomalib_cli, tmp_path) -> None:
     """``anomalib export --model <plugin> --ckpt_path ... --export_type onnx`` through the stock command."""
     checkpoint = fitted(name)

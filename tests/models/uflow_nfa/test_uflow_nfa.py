@@ -296,3 +296,31 @@ def test_ddp_multi_step(anomalib_cli, tiny_textures_args, resize_pre_processor, 
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     assert state["global_step"] >= 3  # steps per rank
     assert bool(state["state_dict"]["model.null_calibrated"])
+
+
+def test_checkpoint_at_a_non_default_size_reloads_without_passing_the_pre_processor(tmp_path) -> None:
+    """``load_from_checkpoint`` (as ``anomalib export --ckpt_path`` calls it) rebuilds the flow at the trained size."""
+    import lightning
+
+    model = UFlowNFA(
+        backbone="efficientnet_lite0",
+        pre_trained=False,
+        flow_steps=1,
+        pre_processor=UFlowNFA.configure_pre_processor((64, 64)),
+    )
+    checkpoint = {
+        "state_dict": model.state_dict(),
+        "hyper_parameters": dict(model.hparams),
+        "pytorch-lightning_version": lightning.__version__,
+    }
+    model.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "model.ckpt")
+
+    reloaded = UFlowNFA.load_from_checkpoint(tmp_path / "model.ckpt")  # strict: LayerNorm shapes must match
+
+    assert reloaded.model.input_size == (64, 64)
+    images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    model.eval()
+    reloaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.model(images).anomaly_map, model.model(images).anomaly_map, rtol=0, atol=0)

@@ -185,21 +185,7 @@ class UFlowNFA(SlimCheckpointMixin, AnomalibModule):
         if self.input_size is None:
             msg = "UFlowNFA needs a fixed input size: give it a pre-processor that resizes (e.g. Resize((448, 448)))."
             raise ValueError(msg)
-        self.model = UFlowNFAModel(
-            input_size=self.input_size,
-            backbone=backbone,
-            layers=layers,
-            pre_trained=pre_trained,
-            backbone_weights=backbone_weights,
-            flow_steps=flow_steps,
-            affine_clamp=affine_clamp,
-            affine_subnet_channels_ratio=affine_subnet_channels_ratio,
-            permute_soft=permute_soft,
-            log_nfa_threshold=log_nfa_threshold,
-            clamp_chernoff=clamp_chernoff,
-            nfa_null=nfa_null or ("chi2" if backbone == MCAIT else "calibrated"),
-            nfa_scales=nfa_scales,
-        )
+        self.model = self._build_model(self.input_size)
         self.loss = UFlowNFALoss()
         self.calibration_fraction = calibration_fraction
         self.lr = lr
@@ -208,6 +194,35 @@ class UFlowNFA(SlimCheckpointMixin, AnomalibModule):
         self._calibrated_at_step: int | None = None
         self._warned_no_calibration = False
         self._export_nfa_inputs = False
+
+    def _build_model(self, input_size: tuple[int, int]) -> UFlowNFAModel:
+        """The torch model for ``input_size`` from this module's hyper-parameters."""
+        hparams = self.hparams
+        return UFlowNFAModel(
+            input_size=input_size,
+            backbone=hparams.backbone,
+            layers=hparams.layers,
+            pre_trained=hparams.pre_trained,
+            backbone_weights=hparams.backbone_weights,
+            flow_steps=hparams.flow_steps,
+            affine_clamp=hparams.affine_clamp,
+            affine_subnet_channels_ratio=hparams.affine_subnet_channels_ratio,
+            permute_soft=hparams.permute_soft,
+            log_nfa_threshold=hparams.log_nfa_threshold,
+            clamp_chernoff=hparams.clamp_chernoff,
+            nfa_null=hparams.nfa_null or ("chi2" if hparams.backbone == MCAIT else "calibrated"),
+            nfa_scales=hparams.nfa_scales,
+        )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the pre-processor, then rebuild the size-dependent model if the checkpoint's input size differs.
+
+        ``load_from_checkpoint`` (and ``anomalib export --ckpt_path``) constructs the module with the default
+        pre-processor; the flow's LayerNorms are shaped by the input size the checkpoint was trained at.
+        """
+        super().on_load_checkpoint(checkpoint)
+        if self.input_size is not None and tuple(self.input_size) != self.model.input_size:
+            self.model = self._build_model(tuple(self.input_size))
 
     @classmethod
     def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
