@@ -88,8 +88,8 @@ def build(name: str, **overrides: Any) -> Any:  # noqa: ANN401
     return cls(**{**arguments, **overrides}, **components())
 
 
-def fit_and_save(model: Any, root: Path, epochs: int = 1) -> Path:  # noqa: ANN401
-    trainer = Trainer(
+def cpu_trainer(root: Path, epochs: int) -> Trainer:
+    return Trainer(
         max_epochs=epochs,
         limit_train_batches=1,
         limit_val_batches=1,
@@ -101,6 +101,10 @@ def fit_and_save(model: Any, root: Path, epochs: int = 1) -> Path:  # noqa: ANN4
         accelerator="cpu",
         default_root_dir=root,
     )
+
+
+def fit_and_save(model: Any, root: Path, epochs: int = 1) -> Path:  # noqa: ANN401
+    trainer = cpu_trainer(root, epochs)
     trainer.fit(model, datamodule=TinyDataModule())
     path = root / "model.ckpt"
     trainer.save_checkpoint(path)
@@ -169,18 +173,7 @@ def test_training_resumes_from_a_slim_checkpoint(tmp_path: Path) -> None:
     """``fit(ckpt_path=slim)`` restores the referenced weights and continues; the next checkpoint is slim again."""
     slim = fit_and_save(build("uflow_nfa", slim_checkpoint=True), tmp_path / "first")
     model = build("uflow_nfa", slim_checkpoint=True)
-    trainer = Trainer(
-        max_epochs=2,
-        limit_train_batches=1,
-        limit_val_batches=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        accelerator="cpu",
-        default_root_dir=tmp_path / "resumed",
-    )
+    trainer = cpu_trainer(tmp_path / "resumed", epochs=2)
     trainer.fit(model, datamodule=TinyDataModule(), ckpt_path=slim)
     assert trainer.current_epoch == 2
     path = tmp_path / "resumed.ckpt"
