@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Default training epochs per demo model (CPU-sized: a few minutes on 2 cores).
-DEMO_EPOCHS = {"msflow_cutpaste": 16, "padim": 1, "uflow_nfa": 30}
+DEMO_EPOCHS = {"msflow_cutpaste": 16, "padim": 1, "uflow_nfa": 10}
 MSFLOW_PRETRAIN_EPOCHS = 6  # of the 16: U-Net pre-training on CutPaste anomalies, then 10 flow epochs
 METRIC_MEANINGS = (
     "image AUROC: how well the image score ranks defective above normal tiles (1 = perfect, 0.5 = chance); "
@@ -82,7 +82,13 @@ def build_model(name: str, image_size: int, nfa_mask: bool = True):  # noqa: ANN
             pre_processor=PreProcessor(transform=transform),
         )
     if name == "uflow_nfa":
-        return UFlowNFA(backbone="efficientnet_lite0", layers=taps, pre_processor=PreProcessor(transform=transform))
+        return UFlowNFA(  # as configs/uflow_nfa_textures_cpu.yaml: calibrated null, coarsest scale tested
+            backbone="efficientnet_lite0",
+            layers=["blocks.2", "blocks.4", "blocks.6"],
+            nfa_null="calibrated",
+            nfa_scales=[-1],
+            pre_processor=PreProcessor(transform=transform),
+        )
     if name == "padim":
         return Padim(
             backbone=register_offline_timm_tag(),
@@ -215,10 +221,10 @@ def run(args: argparse.Namespace) -> int:
             "which for this dataset (Anomalib's default) is the test split itself: an optimistic reference, tuned on "
             "the test labels."
         )
-    images = sorted(Path(args.output).rglob("images/**/*.png"))
-    where = images[0].parent.parent if images else args.output
+    where = Path(engine.trainer.default_root_dir) / "images"  # this run's versioned results folder
+    images = sorted(where.rglob("*.png"))
     print(
         f"  Result images: {len(images)} PNGs (input, ground truth, anomaly map, predicted mask) under {where}/ "
-        f"(defective tiles in its subfolders other than 'good')"
+        f"(one subfolder per defect type, normal tiles in 'good')"
     )
     return 0
