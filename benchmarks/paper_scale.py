@@ -241,8 +241,10 @@ def run_worker(name: str, device: str, batch_size: int | None, eval_batch_size: 
     """Build, fit (two steps per stage), validate and test one paper config in this process; return the figures."""
     import torch
     from anomalib.data import ImageBatch, ImageItem
-    from lightning.pytorch import Callback, Trainer
+    from lightning.pytorch import Callback, LightningDataModule, Trainer
     from torch.utils.data import DataLoader, Dataset
+
+    from anomalib_ext.components.data_synthesis import SyntheticAnomalyDataset
 
     def phase(text: str) -> None:
         status_file.write_text(text)
@@ -288,18 +290,30 @@ def run_worker(name: str, device: str, batch_size: int | None, eval_batch_size: 
     def loader(count: int, batch: int, anomalous: bool) -> DataLoader:
         return DataLoader(RandomImages(count, anomalous), batch_size=batch, collate_fn=ImageBatch.collate)
 
+    class RandomData(LightningDataModule):
+        """Random training images as ``train_data``: models that synthesise anomalies wrap it (DataLoader side)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.train_data = RandomImages(2 * train_batch, False)
+
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(self.train_data, batch_size=train_batch, collate_fn=ImageBatch.collate)
+
+        def val_dataloader(self) -> DataLoader:
+            return loader(eval_batch, eval_batch, True)
+
+    # Synthetic anomalies (MSFlow pre-training, DenseHybridAD negatives) are made per sample by the training dataset;
+    # with num_workers=0 (here) they run in this process between two steps, so their time is the CPU-side work a step
+    # waits for unless DataLoader workers overlap it.
     cpu_side = {"cpu_side_s": 0.0, "cpu_side_cpu_s": 0.0}
-    if hasattr(model, "_synthetic_batch"):
-        timed_calls(model, "_synthetic_batch", cpu_side, device)
-    if hasattr(model, "negatives"):
-        timed_calls(model, "negatives", cpu_side, device)
+    timed_calls(SyntheticAnomalyDataset, "synthetic", cpu_side, device)
 
     records: dict[str, list[dict[str, Any]]] = {"train": [], "validation": [], "test": []}
 
     class Meter(Callback):
         def _begin(self, kind: str) -> None:
             phase(f"{kind} step {len(records[kind]) + 1}" + (f" ({stage_name(model)})" if kind == "train" else ""))
-            cpu_side.update(cpu_side_s=0.0, cpu_side_cpu_s=0.0)
             probe.begin()
             self.start = time.perf_counter()
 
@@ -307,8 +321,9 @@ def run_worker(name: str, device: str, batch_size: int | None, eval_batch_size: 
             synchronize(device)
             seconds = time.perf_counter() - self.start
             record = {"seconds": seconds, "images": images, **probe.end()}
-            if kind == "train":
+            if kind == "train":  # the synthesis done while this batch was loaded
                 record.update(stage=stage_name(model), **cpu_side)
+                cpu_side.update(cpu_side_s=0.0, cpu_side_cpu_s=0.0)
             records[kind].append(record)
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
@@ -355,11 +370,7 @@ def run_worker(name: str, device: str, batch_size: int | None, eval_batch_size: 
     probe_fit = MemoryProbe(device)
     probe_fit.begin()
     start = time.perf_counter()
-    trainer.fit(
-        model,
-        train_dataloaders=loader(2 * train_batch, train_batch, False),
-        val_dataloaders=loader(eval_batch, eval_batch, True),
-    )
+    trainer.fit(model, datamodule=RandomData())
     fit = {"fit_s": time.perf_counter() - start, **{f"fit_{k}": v for k, v in probe_fit.end().items()}}
     phase("test")
     trainer.test(model, dataloaders=loader(eval_batch, eval_batch, True), verbose=False)
