@@ -182,3 +182,18 @@ def test_training_resumes_from_a_slim_checkpoint(tmp_path: Path) -> None:
     assert (
         checkpoint[REFERENCED_WEIGHTS_KEY].keys() == torch.load(slim, weights_only=False)[REFERENCED_WEIGHTS_KEY].keys()
     )
+
+
+def test_slim_checkpoint_with_a_weights_file_reloads_identically(tmp_path: Path) -> None:
+    """A slim DenseHybridAD checkpoint keeps the weights file it references (the full one may drop it)."""
+    weights = tmp_path / "deeplabv3.pth"
+    torch.manual_seed(3)
+    torch.save(DenseHybridAD(pre_trained=False, **components()).model.segmenter.state_dict(), weights)
+    model = build("dense_hybrid_ad", segmenter_weights=str(weights), slim_checkpoint=True)
+    slim = fit_and_save(model, tmp_path / "slim")
+    assert torch.load(slim, map_location="cpu", weights_only=False)[REFERENCED_WEIGHTS_KEY]
+
+    reloaded = DenseHybridAD.load_from_checkpoint(slim, map_location="cpu", **components())
+    expected, actual = outputs(model), outputs(reloaded)
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)

@@ -30,7 +30,7 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
-from anomalib_ext.components.checkpoint import SlimCheckpointMixin
+from anomalib_ext.components.checkpoint import REFERENCED_WEIGHTS_KEY, SlimCheckpointMixin
 from anomalib_ext.components.data_synthesis import SyntheticAnomalyDataset, install_synthesis, pre_processor_resize
 from anomalib_ext.components.negative_sources import ADE20KSplit
 
@@ -168,11 +168,12 @@ class DenseHybridAD(SlimCheckpointMixin, AnomalibModule):
         """Reload from the state dict alone: no weights download (``pre_trained``) and no weights file on reload.
 
         The checkpoint holds every weight (segmenter, outlier head, teacher), so ``load_from_checkpoint`` builds a
-        randomly initialised network and loads it, offline and without the original weight files.
+        randomly initialised network and loads it, offline and without the original weight files. A slim checkpoint
+        (``slim_checkpoint=True``) that references frozen weights keeps its weight sources: reloading rebuilds them.
         """
         super().on_save_checkpoint(checkpoint)
         hyper_parameters = checkpoint.get("hyper_parameters")
-        if hyper_parameters is not None:
+        if hyper_parameters is not None and not checkpoint.get(REFERENCED_WEIGHTS_KEY):
             hyper_parameters.update(pre_trained=False, segmenter_weights=None, backbone_weights=None)
 
     @property
