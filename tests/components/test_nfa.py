@@ -7,13 +7,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy import ndimage
+from scipy import ndimage, stats
 
 from anomalib_ext.components.nfa import (
     a_contrario_segmentation,
     build_component_tree,
     chernoff_log10_pfa,
     detection_leaves,
+    exact_log10_pfa,
     latent_scores,
     log10_number_of_tests,
     moment_matched_null,
@@ -294,3 +295,37 @@ def test_per_position_null_scale() -> None:
     scale[2:5, 2:5] = 4.0
     _, absorbed = a_contrario_segmentation(latents, (8, 8), null=[(scale, 64.0)])
     assert not absorbed.any()
+
+
+def test_exact_tail_values_and_bound() -> None:
+    """Exact ``log10 P(chi2_nu >= nu t)^area`` (scipy), never above the Chernoff bound, clamped at ``t <= 1``, and the
+    bound where the exact tail underflows."""
+    level = np.array([0.5, 1.0, 1.5, 3.0, 10.0])
+    area = np.array([4, 4, 4, 2, 1])
+    exact = exact_log10_pfa(level, area, channels=20)
+    expected = area * stats.chi2.logsf(level * 20, 20) / math.log(10)
+    np.testing.assert_allclose(exact[2:], expected[2:])
+    assert exact[0] == 0.0
+    assert exact[1] == 0.0
+    assert (exact[2:] < chernoff_log10_pfa(level, area, 20)[2:]).all()
+    np.testing.assert_allclose(exact_log10_pfa(level, area, 20, clamp=False)[:2], expected[:2])
+    far = exact_log10_pfa(np.array([1e4]), np.array([3]), channels=20)  # exact tail underflows: Chernoff bound
+    np.testing.assert_allclose(far, chernoff_log10_pfa(np.array([1e4]), np.array([3]), 20))
+
+
+def test_exact_tail_keeps_the_guarantee_and_finds_more() -> None:
+    """White chi2 latents: <= 1 false region per image with the exact tail too; a faint planted shift that the
+    Chernoff bound leaves undetected is found with the exact tail (same null, same tree)."""
+    generator = torch.Generator().manual_seed(11)
+    normal = [torch.randn(20, 24, 12, 12, generator=generator)]
+    _, masks = a_contrario_segmentation(normal, (12, 12), tail="exact")
+    assert np.mean(_regions_per_image(masks)) <= 1.0
+    planted = [torch.randn(1, 24, 12, 12, generator=generator)]
+    planted[0][..., 4:8, 4:8] *= 1.9
+    _, chernoff = a_contrario_segmentation(planted, (12, 12))
+    log_nfa, exact = a_contrario_segmentation(planted, (12, 12), tail="exact")
+    assert not chernoff.any()
+    assert exact[0, 4:8, 4:8].float().mean() > 0.5
+    assert log_nfa.min() < 0
+    with pytest.raises(ValueError, match="tail must be one of"):
+        a_contrario_segmentation(planted, (12, 12), tail="gaussian")

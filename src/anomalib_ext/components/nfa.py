@@ -14,7 +14,9 @@ e.g. the latents of a normalizing flow. Implements phase 4 of U-Flow (Tailanian 
       log10 PFA(R) = -|R| * (nu / 2) * (t - 1 - ln t) / ln 10     for t > 1,   0 otherwise.
 
   The bound is vacuous for ``t <= 1``; ``clamp_chernoff=False`` keeps the unclamped published behaviour, which
-  flags whole images whose latents are slightly under-dispersed.
+  flags whole images whose latents are slightly under-dispersed. ``tail="exact"`` replaces the bound by the exact
+  tail ``log10 P(chi2_nu >= nu t)`` (scipy's log survival function; the Chernoff value where that underflows), which
+  is never larger, so the same regions get a smaller PFA under the same null; regions with ``t <= 1`` keep PFA 1.
 * Tree simplification to a fixed point: prune (every leaf branch, the leaf plus its ancestors while each is its
   parent's only child, keeps only its node of smallest log PFA), then repeat {merge; prune} while a merge happens
   (a node whose >= 2 children are all leaves replaces them when its log PFA is <= each child's), then a final
@@ -41,6 +43,7 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+from scipy import stats
 from skimage.morphology import max_tree
 from torch.nn import functional as F  # noqa: N812
 
@@ -48,11 +51,13 @@ POLYOMINO_ALPHA = 0.316915
 POLYOMINO_BETA = 4.062570
 
 __all__ = [
+    "NFA_TAILS",
     "ComponentTree",
     "a_contrario_segmentation",
     "build_component_tree",
     "chernoff_log10_pfa",
     "detection_leaves",
+    "exact_log10_pfa",
     "latent_scores",
     "log10_number_of_tests",
     "moment_matched_null",
@@ -101,6 +106,26 @@ def chernoff_log10_pfa(level: np.ndarray, area: np.ndarray, channels: float, cla
     if clamp:
         log_pfa = np.where(t > 1.0, log_pfa, 0.0)
     return log_pfa
+
+
+def exact_log10_pfa(level: np.ndarray, area: np.ndarray, channels: float, clamp: bool = True) -> np.ndarray:
+    """``log10 P(chi2_nu >= nu * t)^area`` computed exactly (``channels`` = ``nu``, ``level`` = ``t``).
+
+    Never above :func:`chernoff_log10_pfa`; where the exact tail underflows (``log P < -745``) the Chernoff bound is
+    used. ``clamp`` (default): 0 for ``t <= 1``, as for the bound.
+    """
+    t = np.maximum(np.asarray(level, dtype=np.float64), np.finfo(np.float64).tiny)
+    area = np.asarray(area, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        log_tail = stats.chi2.logsf(t * channels, channels)
+    bound = chernoff_log10_pfa(t, area, channels, clamp=False)
+    log_pfa = np.where(np.isfinite(log_tail), area * log_tail / math.log(10.0), bound)
+    if clamp:
+        log_pfa = np.where(t > 1.0, log_pfa, 0.0)
+    return log_pfa
+
+
+NFA_TAILS = {"chernoff": chernoff_log10_pfa, "exact": exact_log10_pfa}
 
 
 @dataclass(frozen=True)
@@ -225,10 +250,13 @@ def detection_leaves(parent: np.ndarray, log_pfa: np.ndarray) -> np.ndarray:
 MIN_MAP_SIDE = 3
 
 
-def region_log10_pfa_map(score: np.ndarray, channels: float, clamp_chernoff: bool = True) -> np.ndarray:
+def region_log10_pfa_map(
+    score: np.ndarray, channels: float, clamp_chernoff: bool = True, tail: str = "chernoff"
+) -> np.ndarray:
     """Per-pixel ``log10 PFA`` ``[H, W]`` of the detected regions of one score map (0 outside detections).
 
-    ``score`` is the normalised level ``t`` (``||z||^2 / (s nu)``) and ``channels`` the null's ``nu``. Sides shorter
+    ``score`` is the normalised level ``t`` (``||z||^2 / (s nu)``) and ``channels`` the null's ``nu``; ``tail``: the
+    region PFA from the Chernoff bound (paper) or the exact chi-square tail (see :data:`NFA_TAILS`). Sides shorter
     than 3 pixels (where scikit-image's max-tree fails or is wrong) are padded with a level below every score, so
     the padding only forms a new root, whose PFA is set to 1.
     """
@@ -238,7 +266,7 @@ def region_log10_pfa_map(score: np.ndarray, channels: float, clamp_chernoff: boo
         pad = ((0, max(0, MIN_MAP_SIDE - height)), (0, max(0, MIN_MAP_SIDE - width)))
         score = np.pad(score, pad, constant_values=float(score.min()) - 1.0)
     tree = build_component_tree(score)
-    log_pfa = chernoff_log10_pfa(tree.level, tree.area, channels, clamp=clamp_chernoff)
+    log_pfa = NFA_TAILS[tail](tree.level, tree.area, channels, clamp=clamp_chernoff)
     if padded:
         log_pfa[0] = 0.0  # the root made of the padding is not a region of the map
     kept = detection_leaves(tree.parent, log_pfa)
@@ -294,6 +322,7 @@ def a_contrario_segmentation(
     clamp_chernoff: bool = True,
     null: Sequence[tuple[float, float]] | None = None,
     scales: Sequence[int] | None = None,
+    tail: str = "chernoff",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Segment anomalies in per-scale latents with the tree NFA test (Tailanian et al., 2024, eqs. 5-9).
 
@@ -301,19 +330,24 @@ def a_contrario_segmentation(
         latents: per-scale latents ``[B, C_l, H_l, W_l]`` (white Gaussian under H0), any order.
         output_size: ``(H, W)`` of the returned maps (or one int for a square).
         log_nfa_threshold: detection threshold on ``log10 NFA`` (``mask = log10 NFA < threshold``; 0 means NFA < 1).
-        clamp_chernoff: clamp the Chernoff bound to 0 for regions whose minimum is below the null mean (t <= 1).
+        clamp_chernoff: PFA 1 for regions whose minimum is below the null mean (t <= 1), for either tail.
         null: per scale (same order as ``latents``) the ``(s_l, nu_l)`` of the null ``||z_l||^2 ~ s_l chi2(nu_l)``;
             ``s_l`` a number or a per-position array ``[H_l, W_l]``; ``None``: the paper's ``chi2(C_l)``.
         scales: indices of the scales that enter the test (and ``N_tests``); ``None``: all.
+        tail: ``"chernoff"`` (the paper's bound of ``P(chi2_nu >= m)``) or ``"exact"`` (the exact tail; same null,
+            never a larger PFA).
 
     Returns:
         ``log10 NFA`` maps ``[B, H, W]`` (float32, on the latents' device) and boolean masks ``[B, H, W]``.
 
     Raises:
         ValueError: empty input, a latent that is not 4-D, NaN/inf values, scales with different batch sizes, a
-            ``null`` of the wrong length or with non-positive parameters, or bad ``scales``.
+            ``null`` of the wrong length or with non-positive parameters, bad ``scales`` or an unknown ``tail``.
     """
     _validate_latents(latents)
+    if tail not in NFA_TAILS:
+        msg = f"tail must be one of {tuple(NFA_TAILS)}, got {tail!r}."
+        raise ValueError(msg)
     if null is not None and (
         len(null) != len(latents) or not all(np.all(np.asarray(s) > 0) and nu > 0 for s, nu in null)
     ):
@@ -328,7 +362,7 @@ def a_contrario_segmentation(
         channels = int(latent.shape[1])
         scale, dof = (1.0, float(channels)) if null is None else (np.asarray(null[index][0]), float(null[index][1]))
         levels = _checked_scores(latent, index) * (channels / (scale * dof))  # t = ||z||^2 / (s nu)
-        maps = np.stack([region_log10_pfa_map(level, dof, clamp_chernoff) for level in levels])
+        maps = np.stack([region_log10_pfa_map(level, dof, clamp_chernoff, tail) for level in levels])
         scale_maps.append(
             F.interpolate(torch.from_numpy(maps)[:, None], size=size, mode="bilinear", align_corners=False)
         )

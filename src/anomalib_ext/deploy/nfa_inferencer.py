@@ -5,7 +5,8 @@ and cannot live in an exported graph. A model that decides its mask with it ther
 
 * ``nfa_latent_<l>`` ``[B, C_l, H_l, W_l]``: the latents of every tested scale ``l``;
 * ``nfa_null`` ``[B, L, 2]`` float64: per tested scale the null ``(s_l, nu_l)`` of ``||z_l||^2 ~ s_l chi2(nu_l)``;
-* ``nfa_settings`` ``[B, 2]`` float64: ``(log_nfa_threshold, clamp_chernoff)``;
+* ``nfa_settings`` ``[B, 3]`` float64: ``(log_nfa_threshold, clamp_chernoff, exact_tail)`` (the last is 1 for
+  ``tail="exact"``, 0 for the Chernoff bound; exports made before it existed have 2 columns and use the bound);
 
 next to ``pred_score`` and ``anomaly_map`` (normalised by the post-processor as usual), and no ``pred_mask`` /
 ``pred_label``. :class:`NFAInferencer` runs such a graph and applies the NFA step, so that a deployed model gives the
@@ -56,7 +57,9 @@ def nfa_export_outputs(processed: InferenceBatch, latents: list[torch.Tensor], m
     null = model.null_table()[model.nfa_scales].to(latents[0].device)
     generator = model.anomaly_map_generator
     settings = torch.tensor(
-        [generator.log_nfa_threshold, float(generator.clamp_chernoff)], dtype=torch.float64, device=null.device
+        [generator.log_nfa_threshold, float(generator.clamp_chernoff), float(generator.tail == "exact")],
+        dtype=torch.float64,
+        device=null.device,
     )
     return _outputs_type(tuple(model.nfa_scales))(
         processed.pred_score,
@@ -78,7 +81,7 @@ def apply_nfa(outputs: dict[str, np.ndarray | torch.Tensor]) -> InferenceBatch:
         raise ValueError(msg)
     tensors = {name: torch.as_tensor(np.asarray(value)) for name, value in outputs.items()}
     null = tensors[NULL_OUTPUT][0].double()
-    threshold, clamp = tensors[SETTINGS_OUTPUT][0].tolist()
+    threshold, clamp, *exact = tensors[SETTINGS_OUTPUT][0].tolist()
     anomaly_map = tensors["anomaly_map"]
     _, pred_mask = a_contrario_segmentation(
         [tensors[name] for name in names],
@@ -86,6 +89,7 @@ def apply_nfa(outputs: dict[str, np.ndarray | torch.Tensor]) -> InferenceBatch:
         log_nfa_threshold=threshold,
         clamp_chernoff=bool(clamp),
         null=[tuple(row) for row in null.tolist()],
+        tail="exact" if exact and exact[0] else "chernoff",
     )
     return InferenceBatch(
         pred_score=tensors["pred_score"],

@@ -86,6 +86,8 @@ def test_bad_configurations_raise() -> None:
         UFlowNFAModel((448, 448), backbone="mcait", backbone_weights="one_file.pth")
     with pytest.raises(ValueError, match="fixed input size"):
         UFlowNFA(backbone="efficientnet_lite0", pre_trained=False, pre_processor=False)
+    with pytest.raises(ValueError, match="nfa_tail"):
+        _tiny_model(nfa_tail="gaussian")
 
 
 def test_mcait_wiring_with_small_cait_stand_ins(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -209,10 +211,12 @@ def _fit_tiny(textures_root: Path, tmp_path: Path, **kwargs) -> tuple[UFlowNFA, 
 def test_calibrated_null_reload_and_deployment_parity(
     textures_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Calibration is fitted in fit, saved and reloaded; ONNX (NFAInferencer) and torch exports give model(x)'s mask."""
+    """Calibration is fitted in fit, saved and reloaded; ONNX (NFAInferencer) and torch exports give model(x)'s mask
+    (with the exact chi-square tail, which the export carries in its settings)."""
     # a threshold just below log10 N_tests: any region with PFA < 0.1 is flagged, so the masks compared are not empty
     threshold = log10_number_of_tests((16 * 16, 8 * 8, 4 * 4)) - 1.0
-    model, engine = _fit_tiny(textures_root, tmp_path, log_nfa_threshold=threshold)
+    model, engine = _fit_tiny(textures_root, tmp_path, log_nfa_threshold=threshold, nfa_tail="exact")
+    assert model.model.anomaly_map_generator.tail == "exact"
     assert model.model.nfa_null == "calibrated"  # the CNN default
     assert bool(model.model.null_calibrated)
     model.eval()
@@ -229,6 +233,7 @@ def test_calibrated_null_reload_and_deployment_parity(
     # as for every Anomalib model, a non-default pre-processor (here the input size) is passed again on reload
     reloaded = UFlowNFA.load_from_checkpoint(checkpoint, pre_processor=UFlowNFA.configure_pre_processor(SIZE)).eval()
     torch.testing.assert_close(reloaded.model.null_table(), model.model.null_table(), rtol=0, atol=0)
+    assert reloaded.model.anomaly_map_generator.tail == "exact"
     model.eval()
     image = torch.rand(2, 3, 80, 80)
     with torch.no_grad():
@@ -250,6 +255,12 @@ def test_calibrated_null_reload_and_deployment_parity(
     assert "pred_mask" not in outputs
     assert {"pred_score", "anomaly_map", "nfa_latent_0", "nfa_latent_2", "nfa_null", "nfa_settings"} <= set(outputs)
     deployed = NFAInferencer(onnx_path).predict(probe.numpy())
+    with torch.no_grad():
+        chernoff = model.model.anomaly_map_generator
+        chernoff.tail = "chernoff"
+        chernoff_mask = model(probe).pred_mask
+        chernoff.tail = "exact"
+    assert not torch.equal(chernoff_mask, torch_output.pred_mask)  # the tail changes the mask: parity is not vacuous
     assert deployed.pred_mask.shape == torch_output.pred_mask.shape == (2, *SIZE)
     assert torch.equal(deployed.pred_mask, torch_output.pred_mask)
     assert torch.equal(deployed.pred_label, torch_output.pred_label)

@@ -143,6 +143,8 @@ class UFlowNFA(SlimCheckpointMixin, AnomalibModule):
         calibration_fraction: share of the training images (chosen by a hash of their path) held out of the flow's
             loss for the calibrated null. Ignored with ``nfa_null="chi2"``.
         nfa_scales: latent scales (indices, finest first) tested by the NFA and counted in ``N_tests``; default all.
+        nfa_tail: region PFA ``P(s chi2_nu >= m)^|R|`` from the Chernoff bound (``"chernoff"``, paper) or the exact
+            chi-square tail (``"exact"``: never a larger PFA, so more detections under the same null).
         lr, weight_decay: Adam's; the learning rate decays linearly to 0.4x over the whole fit.
         pre_processor, post_processor, evaluator, visualizer: Anomalib components (``True``: this model's defaults;
             the default pre-processor resizes to 448 px for MS-CaiT and to 256 px for a CNN).
@@ -163,6 +165,7 @@ class UFlowNFA(SlimCheckpointMixin, AnomalibModule):
         nfa_null: str | None = None,
         calibration_fraction: float = 0.2,
         nfa_scales: Sequence[int] | None = None,
+        nfa_tail: str = "chernoff",
         lr: float = 1e-3,
         weight_decay: float = 1e-5,
         pre_processor: PreProcessor | bool = True,
@@ -212,6 +215,7 @@ class UFlowNFA(SlimCheckpointMixin, AnomalibModule):
             clamp_chernoff=hparams.clamp_chernoff,
             nfa_null=hparams.nfa_null or ("chi2" if hparams.backbone == MCAIT else "calibrated"),
             nfa_scales=hparams.nfa_scales,
+            nfa_tail=hparams.nfa_tail,
         )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

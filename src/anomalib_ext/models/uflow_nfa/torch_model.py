@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from anomalib_ext.components.backbones import build_timm_model, create_feature_extractor
-from anomalib_ext.components.nfa import select_scales
+from anomalib_ext.components.nfa import NFA_TAILS, select_scales
 
 from .anomaly_map import AnomalyMapGenerator
 
@@ -217,7 +217,8 @@ class UFlowNFAModel(nn.Module):
     The NFA null per latent scale, ``||z_l||^2 ~ s_l chi2(nu_l)``, is held in the buffers ``null_scale`` /
     ``null_dof`` (saved in checkpoints): ``nfa_null="chi2"`` uses ``s = 1, nu = C_l`` (the paper);
     ``nfa_null="calibrated"`` uses the values set by :meth:`set_calibration` once ``null_calibrated`` is true, and the
-    ``chi2`` null before that. ``nfa_scales`` (indices, finest scale first) selects the scales tested.
+    ``chi2`` null before that. ``nfa_scales`` (indices, finest scale first) selects the scales tested; ``nfa_tail``
+    the region PFA (``"chernoff"``: the paper's bound; ``"exact"``: the exact chi-square tail).
     """
 
     def __init__(
@@ -235,8 +236,12 @@ class UFlowNFAModel(nn.Module):
         clamp_chernoff: bool = True,
         nfa_null: str = "chi2",
         nfa_scales: Sequence[int] | None = None,
+        nfa_tail: str = "chernoff",
     ) -> None:
         super().__init__()
+        if nfa_tail not in NFA_TAILS:
+            msg = f"nfa_tail must be one of {tuple(NFA_TAILS)}, got {nfa_tail!r}."
+            raise ValueError(msg)
         if nfa_null not in NFA_NULLS:
             msg = f"nfa_null must be one of {NFA_NULLS}, got {nfa_null!r}."
             raise ValueError(msg)
@@ -269,7 +274,7 @@ class UFlowNFAModel(nn.Module):
         self.register_buffer("null_scale", torch.ones(count, dtype=torch.float64))
         self.register_buffer("null_dof", latent_channels)
         self.register_buffer("null_calibrated", torch.tensor(False))
-        self.anomaly_map_generator = AnomalyMapGenerator(self.input_size, log_nfa_threshold, clamp_chernoff)
+        self.anomaly_map_generator = AnomalyMapGenerator(self.input_size, log_nfa_threshold, clamp_chernoff, nfa_tail)
 
     def set_calibration(self, scale: torch.Tensor, dof: torch.Tensor) -> None:
         """Store a calibrated null ``s_l chi2(nu_l)`` per latent scale (used when ``nfa_null="calibrated"``)."""
