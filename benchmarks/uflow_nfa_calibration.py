@@ -168,6 +168,7 @@ def run_uflow(category: str, seed: int, args: argparse.Namespace, root: Path, wo
         layers=args.layers,
         nfa_null="calibrated",
         calibration_fraction=args.calibration_fraction,
+        lr=args.lr,
         pre_processor=UFlowNFA.configure_pre_processor((args.image_size, args.image_size)),
         evaluator=False,
         visualizer=False,
@@ -293,6 +294,7 @@ def main() -> None:
     parser.add_argument("--layers", nargs="+", default=["blocks.2", "blocks.4", "blocks.6"])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--calibration-fraction", type=float, default=0.2)
     parser.add_argument("--padim", action="store_true")
     parser.add_argument("--threads", type=int, default=1)

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Default training epochs per demo model (CPU-sized: a few minutes on 2 cores).
-DEMO_EPOCHS = {"msflow_cutpaste": 16, "padim": 1, "uflow_nfa": 10}
+DEMO_EPOCHS = {"msflow_cutpaste": 16, "padim": 1, "uflow_nfa": 20}
+DEMO_IMAGE_SIZE = {"msflow_cutpaste": 128, "padim": 128, "uflow_nfa": 256}  # as each model's Textures CPU config
 MSFLOW_PRETRAIN_EPOCHS = 6  # of the 16: U-Net pre-training on CutPaste anomalies, then 10 flow epochs
 METRIC_MEANINGS = (
     "image AUROC: how well the image score ranks defective above normal tiles (1 = perfect, 0.5 = chance); "
@@ -43,7 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--category", choices=("brick", "gravel"), default="brick", help="Textures category")
     parser.add_argument("--root", type=Path, default=Path("datasets/Textures"), help="where the dataset is built")
     parser.add_argument("--output", type=Path, default=Path("results/demo"), help="results folder (images, checkpoint)")
-    parser.add_argument("--image-size", type=int, default=128, help="input size of the model")
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="input size of the model (default: per model, as its CPU config)"
+    )
     parser.add_argument("--max-epochs", type=int, default=None, help="training epochs (default: per model)")
     parser.add_argument(
         "--mask",
@@ -180,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
     seed_everything(args.seed, verbose=False)
     datamodule = Textures(root=args.root, category=args.category, num_workers=0, train_batch_size=8, eval_batch_size=8)
     nfa_mask = args.model == "uflow_nfa" or (args.model == "msflow_cutpaste" and args.mask != "threshold")
-    model = build_model(args.model, args.image_size, nfa_mask=nfa_mask)
+    model = build_model(args.model, args.image_size or DEMO_IMAGE_SIZE[args.model], nfa_mask=nfa_mask)
     counts = MaskCounts()
     engine = Engine(
         default_root_dir=args.output,

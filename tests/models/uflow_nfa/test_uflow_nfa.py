@@ -48,11 +48,11 @@ def test_loss_is_a_per_image_mean() -> None:
 
 def test_torch_model_outputs_and_invertible_flow() -> None:
     model = _tiny_model()
-    assert model.feature_extractor.layers == ["blocks.1", "blocks.2", "blocks.4"]  # strides 4, 8, 16
+    assert model.feature_extractor.layers == ["blocks.2", "blocks.4", "blocks.6"]  # strides 8, 16, 32
     image = torch.rand(2, 3, *SIZE)
     model.train()
     latents, log_jacobian = model(image)
-    assert [tuple(z.shape[-2:]) for z in latents] == [(16, 16), (8, 8), (4, 4)]
+    assert [tuple(z.shape[-2:]) for z in latents] == [(8, 8), (4, 4), (2, 2)]
     assert log_jacobian.shape == (2,)
     features = model.feature_extractor(image)
     reconstructed, _ = model.flow(latents, rev=True)
@@ -111,6 +111,20 @@ def test_mcait_wiring_with_small_cait_stand_ins(monkeypatch: pytest.MonkeyPatch)
     assert [tuple(f.shape) for f in features] == [(1, 16, 28, 28), (1, 16, 14, 14)]
     assert output.pred_mask.shape == (1, 448, 448)
     assert not any(p.requires_grad for p in model.feature_extractor.parameters())
+    paper = UFlowNFA(backbone="mcait", pre_trained=False, flow_steps=1).model  # the paper's NFA: chi2, every scale
+    assert (paper.nfa_null, paper.nfa_scales, paper.input_size) == ("chi2", [0, 1], (448, 448))
+
+
+def test_cnn_defaults() -> None:
+    """A CNN backbone: 256 px, taps at strides 8/16/32, calibrated null, the coarsest scale tested (explicit
+    choices are kept)."""
+    model = UFlowNFA(backbone="efficientnet_lite0", pre_trained=False).model
+    assert model.input_size == (256, 256)
+    assert model.feature_extractor.layers == ["blocks.2", "blocks.4", "blocks.6"]
+    assert (model.nfa_null, model.nfa_scales) == ("calibrated", [2])
+    assert [shape[1:] for shape in model.latent_shapes] == [(32, 32), (16, 16), (8, 8)]
+    explicit = UFlowNFA(backbone="efficientnet_lite0", pre_trained=False, nfa_scales=[0, 1, 2], nfa_null="chi2").model
+    assert (explicit.nfa_null, explicit.nfa_scales) == ("chi2", [0, 1, 2])
 
 
 def test_mcait_with_too_few_blocks_raises(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -214,8 +228,8 @@ def test_calibrated_null_reload_and_deployment_parity(
     """Calibration is fitted in fit, saved and reloaded; ONNX (NFAInferencer) and torch exports give model(x)'s mask
     (with the exact chi-square tail, which the export carries in its settings)."""
     # a threshold just below log10 N_tests: any region with PFA < 0.1 is flagged, so the masks compared are not empty
-    threshold = log10_number_of_tests((16 * 16, 8 * 8, 4 * 4)) - 1.0
-    model, engine = _fit_tiny(textures_root, tmp_path, log_nfa_threshold=threshold, nfa_tail="exact")
+    threshold = log10_number_of_tests((8 * 8, 2 * 2)) - 1.0
+    model, engine = _fit_tiny(textures_root, tmp_path, log_nfa_threshold=threshold, nfa_tail="exact", nfa_scales=[0, 2])
     assert model.model.anomaly_map_generator.tail == "exact"
     assert model.model.nfa_null == "calibrated"  # the CNN default
     assert bool(model.model.null_calibrated)

@@ -128,7 +128,8 @@ class UFlowNFA(SlimCheckpointMixin, AnomalibModule):
 
     Args:
         backbone: ``"mcait"`` (paper, 448 px input) or a timm CNN name (e.g. ``"efficientnet_lite0"``, ``"resnet18"``).
-        layers: CNN feature taps, strides doubling (default: the taps at strides 4, 8, 16). Ignored for MS-CaiT.
+        layers: CNN feature taps, strides doubling (default: the taps at strides 8, 16, 32, else 4, 8, 16). Ignored for
+            MS-CaiT.
         pre_trained: ImageNet weights (offline for ``efficientnet_lite0``; hub or ``backbone_weights`` otherwise).
         backbone_weights: a local timm-keyed weights file; for ``"mcait"`` a list of two files
             ``[cait_m48_448, cait_s24_224]``.
@@ -142,7 +143,8 @@ class UFlowNFA(SlimCheckpointMixin, AnomalibModule):
             normal training images at the end of ``fit``). Default: ``"chi2"`` for MS-CaiT, ``"calibrated"`` for CNNs.
         calibration_fraction: share of the training images (chosen by a hash of their path) held out of the flow's
             loss for the calibrated null. Ignored with ``nfa_null="chi2"``.
-        nfa_scales: latent scales (indices, finest first) tested by the NFA and counted in ``N_tests``; default all.
+        nfa_scales: latent scales (indices, finest first) tested by the NFA and counted in ``N_tests``. Default: all
+            for MS-CaiT (paper), the coarsest (``[-1]``) for a CNN.
         nfa_tail: region PFA ``P(s chi2_nu >= m)^|R|`` from the Chernoff bound (``"chernoff"``, paper) or the exact
             chi-square tail (``"exact"``: never a larger PFA, so more detections under the same null).
         lr, weight_decay: Adam's; the learning rate decays linearly to 0.4x over the whole fit.
@@ -214,7 +216,7 @@ class UFlowNFA(SlimCheckpointMixin, AnomalibModule):
             log_nfa_threshold=hparams.log_nfa_threshold,
             clamp_chernoff=hparams.clamp_chernoff,
             nfa_null=hparams.nfa_null or ("chi2" if hparams.backbone == MCAIT else "calibrated"),
-            nfa_scales=hparams.nfa_scales,
+            nfa_scales=hparams.nfa_scales if hparams.nfa_scales is not None or hparams.backbone == MCAIT else [-1],
             nfa_tail=hparams.nfa_tail,
         )
 

@@ -97,15 +97,24 @@ class MSCaiTFeatureExtractor(nn.Module):
         return features
 
 
+CNN_TAP_STRIDES = ((8, 16, 32), (4, 8, 16))
+
+
 def default_cnn_layers(backbone: str) -> list[str]:
-    """Feature taps at strides 4, 8, 16 (as ResNet ``layer1..3`` in the paper's CNN variants)."""
+    """Feature taps at strides 8, 16, 32 (e.g. EfficientNet ``blocks.2/4/6``, ResNet ``layer2..4``), else 4, 8, 16.
+
+    The deeper taps give latents with enough channels for the NFA to detect anything (measured with
+    EfficientNet-Lite0 in docs/benchmarks.md: strides 4/8/16 give 30/30/56-channel latents that it never passes).
+    """
     info = timm.create_model(backbone, pretrained=False, features_only=True).feature_info
     by_stride = {stride: module for stride, module in zip(info.reduction(), info.module_name(), strict=True)}
-    layers = [by_stride[stride] for stride in (4, 8, 16) if stride in by_stride]
-    if len(layers) < 2:
-        msg = f"Backbone {backbone!r} has no feature taps at strides 4/8/16 (available: {by_stride})."
-        raise ValueError(msg)
-    return layers
+    for strides in CNN_TAP_STRIDES:
+        if all(stride in by_stride for stride in strides):
+            return [by_stride[stride] for stride in strides]
+    msg = (
+        f"Backbone {backbone!r} has no feature taps at strides 8/16/32 or 4/8/16 (available: {by_stride}); pass layers."
+    )
+    raise ValueError(msg)
 
 
 class CNNFeatureExtractor(nn.Module):
