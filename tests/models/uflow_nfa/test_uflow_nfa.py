@@ -225,7 +225,8 @@ def _fit_tiny(textures_root: Path, tmp_path: Path, **kwargs) -> tuple[UFlowNFA, 
 def test_calibrated_null_reload_and_deployment_parity(
     textures_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Calibration is fitted in fit, saved and reloaded; ONNX (NFAInferencer) and torch exports give model(x)'s mask
+    """Calibration is fitted in fit, saved and reloaded; ONNX / OpenVINO (NFAInferencer) and torch exports give
+    model(x)'s mask
     (with the exact chi-square tail, which the export carries in its settings)."""
     # a threshold just below log10 N_tests: any region with PFA < 0.1 is flagged, so the masks compared are not empty
     threshold = log10_number_of_tests((8 * 8, 2 * 2)) - 1.0
@@ -280,6 +281,12 @@ def test_calibrated_null_reload_and_deployment_parity(
     assert torch.equal(deployed.pred_label, torch_output.pred_label)
     np.testing.assert_allclose(deployed.anomaly_map, torch_output.anomaly_map.numpy(), atol=1e-4)
     np.testing.assert_allclose(deployed.pred_score, torch_output.pred_score.numpy(), atol=1e-4)
+
+    openvino_path = model.to_openvino(tmp_path / "export_openvino", input_size=SIZE)
+    openvino = NFAInferencer(openvino_path).predict(probe.numpy())
+    assert torch.equal(openvino.pred_mask, torch_output.pred_mask)
+    assert torch.equal(openvino.pred_label, torch_output.pred_label)
+    np.testing.assert_allclose(openvino.anomaly_map, torch_output.anomaly_map.numpy(), atol=1e-4)
 
     monkeypatch.setenv("TRUST_REMOTE_CODE", "1")
     torch_inferencer = TorchInferencer(model.to_torch(tmp_path / "export"), device="cpu")
