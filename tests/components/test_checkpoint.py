@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import timm
 import torch
 from anomalib.data import ImageBatch, ImageItem
 from anomalib.pre_processing import PreProcessor
@@ -13,7 +14,7 @@ from lightning.pytorch import LightningDataModule, Trainer
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
-from anomalib_ext.components.checkpoint import REFERENCED_WEIGHTS_KEY, referenced_tensors
+from anomalib_ext.components.checkpoint import REFERENCED_WEIGHTS_KEY, WEIGHT_SOURCES_KEY, referenced_tensors
 from anomalib_ext.models import NFBMR, DenseHybridAD, MSFlow, UFlowNFA
 
 SIZE = 64
@@ -195,5 +196,38 @@ def test_slim_checkpoint_with_a_weights_file_reloads_identically(tmp_path: Path)
 
     reloaded = DenseHybridAD.load_from_checkpoint(slim, map_location="cpu", **components())
     expected, actual = outputs(model), outputs(reloaded)
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)
+
+
+def _weights_file(name: str, path: Path) -> dict[str, Any]:
+    """A local weights file (seeded random: neither the offline ImageNet weights nor a fresh initialisation)."""
+    torch.manual_seed(7)
+    if name == "dense_hybrid_ad":
+        torch.save(DenseHybridAD(pre_trained=False, **components()).model.segmenter.state_dict(), path)
+        return {"segmenter_weights": str(path)}
+    torch.save(timm.create_model("efficientnet_lite0", pretrained=False).state_dict(), path)
+    return {"pre_trained": True, "backbone_weights": str(path)}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_full_checkpoint_reloads_without_its_weight_sources(name: str, tmp_path: Path) -> None:
+    """A checkpoint that stores every tensor reloads identically after the weights file it was trained from is gone
+    (and so without any download): its hyper-parameters name no weight source, the originals are kept beside them."""
+    weights = tmp_path / "weights.pth"
+    sources = _weights_file(name, weights)
+    model = build(name, **sources)
+    path = fit_and_save(model, tmp_path / "full", epochs_of(name))
+    weights.unlink()
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    assert REFERENCED_WEIGHTS_KEY not in checkpoint
+    assert checkpoint[WEIGHT_SOURCES_KEY] == {key: model.hparams[key] for key in type(model).weight_sources}
+    assert sources.items() <= checkpoint[WEIGHT_SOURCES_KEY].items()
+    assert all(checkpoint["hyper_parameters"][key] in (False, None) for key in checkpoint[WEIGHT_SOURCES_KEY])
+    assert sources.items() <= model.hparams.items()  # the live model keeps its own
+
+    reloaded = type(model).load_from_checkpoint(path, map_location="cpu", **components())
+    expected, actual = outputs(model), outputs(reloaded)
+    assert expected.keys() == actual.keys()
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)

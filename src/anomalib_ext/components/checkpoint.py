@@ -12,20 +12,33 @@ BatchNorm statistics updated in train mode) stay in the checkpoint. The checkpoi
 dropped tensor with its SHA-256 under :data:`REFERENCED_WEIGHTS_KEY`; loading takes these tensors from the freshly
 built model, checks their hashes and then loads strictly as usual. A model rebuilt with other weights (random
 initialisation, another ``backbone_weights`` file) fails to load with a clear error instead of silently differing.
+
+A checkpoint that stores every tensor (the default, or a slim one in which nothing stayed unchanged) needs no weight
+source to reload: its hyper-parameters are saved with the model's :attr:`SlimCheckpointMixin.weight_sources` set to
+values that build the same architecture without loading anything (``pre_trained=False``, no weights file), and the
+original values are kept under :data:`WEIGHT_SOURCES_KEY`. ``load_from_checkpoint`` then works offline and without the
+weights files the model was trained from (no hub download of, e.g., a WideResNet-50 only to overwrite it).
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 REFERENCED_WEIGHTS_KEY = "anomalib_ext_referenced_weights"
+WEIGHT_SOURCES_KEY = "anomalib_ext_weight_sources"
 PRETRAINED_PACKAGES = ("timm", "torchvision")
 
-__all__ = ["REFERENCED_WEIGHTS_KEY", "SlimCheckpointMixin", "referenced_tensors", "tensor_digest"]
+__all__ = [
+    "REFERENCED_WEIGHTS_KEY",
+    "WEIGHT_SOURCES_KEY",
+    "SlimCheckpointMixin",
+    "referenced_tensors",
+    "tensor_digest",
+]
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
@@ -68,9 +81,14 @@ def referenced_tensors(module: nn.Module, prefix: str = "", inside: bool = False
 class SlimCheckpointMixin:
     """Lightning hooks for slim checkpoints; place it before ``AnomalibModule`` in the bases.
 
-    Active when ``self.hparams["slim_checkpoint"]`` is true; otherwise checkpoints are unchanged.
+    Slim (tensors referenced) when ``self.hparams["slim_checkpoint"]`` is true. Checkpoints that store every tensor
+    have their weight sources replaced by :attr:`weight_sources` in the saved hyper-parameters (see the module
+    docstring).
     """
 
+    #: Hyper-parameters that name pretrained weights loaded at construction, with the values that build the same
+    #: architecture without loading any (a model with other weight arguments extends it).
+    weight_sources: ClassVar[dict[str, Any]] = {"pre_trained": False, "backbone_weights": None}
     _constructed_digests: dict[str, str] | None = None
 
     @property
@@ -89,10 +107,23 @@ class SlimCheckpointMixin:
         super().on_train_start()  # type: ignore[misc]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Drop the referable tensors that still equal the constructed ones; list them with their hashes."""
+        """Drop the referable tensors that still equal the constructed ones and list them with their hashes (slim),
+        or, when every tensor is stored, save weight-free sources in the hyper-parameters."""
         super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
-        if not self.slim_checkpoint:
+        if self.slim_checkpoint:
+            self._reference_unchanged_weights(checkpoint)
+        if not checkpoint.get(REFERENCED_WEIGHTS_KEY):
+            self._save_weight_free_sources(checkpoint)
+
+    def _save_weight_free_sources(self, checkpoint: dict[str, Any]) -> None:
+        hyper_parameters = checkpoint.get("hyper_parameters")
+        if hyper_parameters is None:
             return
+        sources = {name: value for name, value in self.weight_sources.items() if name in hyper_parameters}
+        checkpoint[WEIGHT_SOURCES_KEY] = {name: hyper_parameters[name] for name in sources}
+        hyper_parameters.update(sources)
+
+    def _reference_unchanged_weights(self, checkpoint: dict[str, Any]) -> None:
         self._remember_constructed_weights()
         state = checkpoint["state_dict"]
         referenced = {}

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from anomalib import LearningType
@@ -30,7 +30,7 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
-from anomalib_ext.components.checkpoint import REFERENCED_WEIGHTS_KEY, SlimCheckpointMixin
+from anomalib_ext.components.checkpoint import SlimCheckpointMixin
 from anomalib_ext.components.data_synthesis import SyntheticAnomalyDataset, install_synthesis, pre_processor_resize
 from anomalib_ext.components.negative_sources import ADE20KSplit
 
@@ -63,6 +63,12 @@ class DenseHybridAD(SlimCheckpointMixin, AnomalibModule):
         top_k: fraction of pixels averaged by ``"mean_top_k"``.
         learning_rate: Adam learning rate (the paper does not state one).
     """
+
+    weight_sources: ClassVar[dict[str, Any]] = {
+        "pre_trained": False,
+        "segmenter_weights": None,
+        "backbone_weights": None,
+    }
 
     def __init__(
         self,
@@ -163,18 +169,6 @@ class DenseHybridAD(SlimCheckpointMixin, AnomalibModule):
         """Adam over the parameters left trainable by the freeze mode."""
         parameters = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
         return torch.optim.Adam(parameters, lr=self.learning_rate)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Reload from the state dict alone: no weights download (``pre_trained``) and no weights file on reload.
-
-        The checkpoint holds every weight (segmenter, outlier head, teacher), so ``load_from_checkpoint`` builds a
-        randomly initialised network and loads it, offline and without the original weight files. A slim checkpoint
-        (``slim_checkpoint=True``) that references frozen weights keeps its weight sources: reloading rebuilds them.
-        """
-        super().on_save_checkpoint(checkpoint)
-        hyper_parameters = checkpoint.get("hyper_parameters")
-        if hyper_parameters is not None and not checkpoint.get(REFERENCED_WEIGHTS_KEY):
-            hyper_parameters.update(pre_trained=False, segmenter_weights=None, backbone_weights=None)
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
