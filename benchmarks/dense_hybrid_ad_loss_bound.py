@@ -16,14 +16,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
-from tests.models.dense_hybrid_ad.test_loss import SCHEDULES, small_deeplabv3, train_on_pasted_batch
 
-from anomalib_ext.models.dense_hybrid_ad import torch_model
-from anomalib_ext.models.dense_hybrid_ad.loss import DenseHybridLoss
+# the harness of the test it extends (same model, batch and schedules), importable from any working directory
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.models.dense_hybrid_ad.test_loss import SCHEDULES, small_deeplabv3, train_on_pasted_batch  # noqa: E402
+
+from anomalib_ext.models.dense_hybrid_ad import torch_model  # noqa: E402
+from anomalib_ext.models.dense_hybrid_ad.loss import DenseHybridLoss  # noqa: E402
 
 
 def main() -> None:
