@@ -118,7 +118,9 @@ def test_mcait_wiring_with_small_cait_stand_ins(monkeypatch: pytest.MonkeyPatch)
 def test_cnn_defaults() -> None:
     """A CNN backbone: 256 px, taps at strides 8/16/32, calibrated null, the coarsest scale tested (explicit
     choices are kept)."""
-    model = UFlowNFA(backbone="efficientnet_lite0", pre_trained=False).model
+    module = UFlowNFA(backbone="efficientnet_lite0", pre_trained=False)
+    assert module.hparams["layers"] == ["blocks.2", "blocks.4", "blocks.6"]  # saved in checkpoints as resolved
+    model = module.model
     assert model.input_size == (256, 256)
     assert model.feature_extractor.layers == ["blocks.2", "blocks.4", "blocks.6"]
     assert (model.nfa_null, model.nfa_scales) == ("calibrated", [2])

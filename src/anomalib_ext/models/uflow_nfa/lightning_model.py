@@ -191,6 +191,8 @@ class UFlowNFA(SlimCheckpointMixin, AnomalibModule):
             msg = "UFlowNFA needs a fixed input size: give it a pre-processor that resizes (e.g. Resize((448, 448)))."
             raise ValueError(msg)
         self.model = self._build_model(self.input_size)
+        if backbone != MCAIT and layers is None:  # saved resolved: a later change of default cannot break checkpoints
+            self.hparams["layers"] = list(self.model.feature_extractor.layers)
         self.loss = UFlowNFALoss()
         self.calibration_fraction = calibration_fraction
         self.lr = lr
