@@ -35,7 +35,6 @@ from anomalib.visualization.image.functional import add_text_to_image
 from anomalib.visualization.image.item_visualizer import visualize_image_item
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from PIL import Image
-from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib_ext.components.checkpoint import SlimCheckpointMixin
 from anomalib_ext.components.nfa import moment_matched_null
@@ -235,14 +234,8 @@ class UFlowNFA(SlimCheckpointMixin, AnomalibModule):
     @classmethod
     def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
         """Resize to ``image_size`` (default 448 x 448, the paper's MS-CaiT input; ``__init__`` passes 256 x 256 for
-        a CNN backbone) and ImageNet-normalise."""
-        transform = Compose(
-            [
-                Resize(image_size or MCAIT_INPUT_SIZE, antialias=True),
-                Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
-            ]
-        )
-        return PreProcessor(transform=transform)
+        a CNN backbone) and ImageNet-normalise, as Anomalib's default pre-processor."""
+        return super().configure_pre_processor(image_size or MCAIT_INPUT_SIZE)
 
     @classmethod
     def configure_post_processor(cls) -> ModelMaskPostProcessor:
