@@ -25,9 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 from anomalib.engine import Engine
-from anomalib.models import Padim
 from lightning.pytorch import seed_everything
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from stock_baselines import textures_cpu_padim
 
 from anomalib_ext.data import Textures
 from anomalib_ext.models import DenseHybridAD
@@ -91,13 +91,7 @@ def run(name: str, category: str, args: argparse.Namespace, root: Path, work: Pa
         "logger": False,
     }
     if name == "Padim":
-        model = Padim(
-            backbone="efficientnet_lite0.anomalib_ext",
-            layers=["blocks.1", "blocks.2"],
-            n_features=48,
-            pre_processor=pre_processor,
-            visualizer=False,
-        )
+        model = textures_cpu_padim(pre_processor, visualizer=False)
         engine = Engine(max_epochs=1, **engine_args)
     else:
         freeze, shape = VARIANTS[name]

@@ -30,6 +30,7 @@ import torch
 from anomalib.engine import Engine
 from anomalib.models import Padim
 from lightning.pytorch import seed_everything
+from stock_baselines import textures_cpu_padim
 
 from anomalib_ext.data import Textures
 from anomalib_ext.models import NFBMR
@@ -81,13 +82,7 @@ def _options() -> argparse.Namespace:
 
 def _model(name: str, args: argparse.Namespace, size: tuple[int, int]) -> torch.nn.Module:
     if name == "PaDiM (stock)":
-        return Padim(
-            backbone="efficientnet_lite0.anomalib_ext",
-            layers=["blocks.1", "blocks.2"],
-            n_features=48,
-            pre_processor=Padim.configure_pre_processor(size),
-            visualizer=False,
-        )
+        return textures_cpu_padim(Padim.configure_pre_processor(size), visualizer=False)
     return NFBMR(
         backbone="efficientnet_lite0",
         layer=args.layer,

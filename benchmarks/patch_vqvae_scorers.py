@@ -33,6 +33,7 @@ from anomalib.metrics.aupro import _AUPRO
 from anomalib.models import Padim
 from lightning.pytorch import seed_everything
 from sklearn.metrics import roc_auc_score
+from stock_baselines import textures_cpu_padim
 
 from anomalib_ext.data import Textures
 from anomalib_ext.models import PatchAE, PatchVQVAE
@@ -195,13 +196,7 @@ def main() -> None:
             print(row, results["quality"][row], flush=True)  # noqa: T201
         results["fit_s"] = {name: round(value, 1) for name, value in fit_seconds.items()}
 
-        padim = Padim(
-            backbone="efficientnet_lite0.anomalib_ext",
-            layers=["blocks.1", "blocks.2"],
-            n_features=48,
-            pre_processor=Padim.configure_pre_processor((args.image_size, args.image_size)),
-            visualizer=False,
-        )
+        padim = textures_cpu_padim(Padim.configure_pre_processor((args.image_size, args.image_size)), visualizer=False)
         engine = Engine(
             default_root_dir=work / "padim",
             accelerator="cpu",

@@ -43,6 +43,7 @@ from anomalib.engine import Engine
 from anomalib.metrics import AUPRO, AUROC
 from anomalib.models import Padim
 from skimage.measure import label
+from stock_baselines import textures_cpu_padim
 
 from anomalib_ext.components.nfa import a_contrario_segmentation
 from anomalib_ext.data import Textures
@@ -207,13 +208,8 @@ def run_uflow(category: str, seed: int, args: argparse.Namespace, root: Path, wo
 def run_padim(category: str, seed: int, args: argparse.Namespace, root: Path, work: Path) -> dict:
     torch.manual_seed(seed)
     data = datamodule(root, category, seed, args.batch_size)
-    model = Padim(
-        backbone="efficientnet_lite0.anomalib_ext",
-        layers=["blocks.1", "blocks.2"],
-        n_features=48,
-        pre_processor=UFlowNFA.configure_pre_processor((args.padim_image_size, args.padim_image_size)),
-        evaluator=False,
-        visualizer=False,
+    model = textures_cpu_padim(
+        Padim.configure_pre_processor((args.padim_image_size, args.padim_image_size)), evaluator=False, visualizer=False
     )
     engine = Engine(
         default_root_dir=work, max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False
